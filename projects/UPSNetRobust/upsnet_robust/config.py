@@ -1,0 +1,72 @@
+# Copyright (c) UPSNetRobust authors.
+"""Config keys of UPSNetRobust. Call ``add_upsnet_config`` then ``add_robustness_config``
+on a fresh ``get_cfg()`` before merging YAML files."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_upsnet_config", "add_robustness_config"]
+
+
+def add_upsnet_config(cfg):
+    """Add the keys of the UPSNet meta-architecture, its heads and its data pipeline."""
+    _C = cfg
+    _C.MODEL.UPSNET = CN()
+    # Semantic head (UPSNet "FCN head"): a subnet of deformable 3x3 convs shared over P2-P5.
+    _C.MODEL.UPSNET.SEM_IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    _C.MODEL.UPSNET.SEM_CONV_DIM = 128  # channels of each deformable conv layer
+    _C.MODEL.UPSNET.SEM_NUM_CONVS = 2  # deformable conv layers in the shared subnet
+    _C.MODEL.UPSNET.SEM_DEFORMABLE = True  # False: plain 3x3 convs (ablation / speed)
+    _C.MODEL.UPSNET.SEM_LOSS_WEIGHT = 1.0  # weight of the semantic cross-entropy
+    # Panoptic head (parameter-free). Stuff classes are the first
+    # SEM_SEG_HEAD.NUM_CLASSES - ROI_HEADS.NUM_CLASSES semantic channels, things the rest.
+    _C.MODEL.UPSNET.PANOPTIC_LOSS_WEIGHT = 0.5
+    _C.MODEL.UPSNET.BOX_KEEP_FRACTION = 0.7  # GT instances kept in the panoptic loss (<1: void on)
+    _C.MODEL.UPSNET.PANOPTIC_SCORE_THRESH = 0.6  # (proposal, class) pairs kept as candidates
+    _C.MODEL.UPSNET.PANOPTIC_NMS_THRESH = 0.5  # class-agnostic NMS over candidates
+    _C.MODEL.UPSNET.PANOPTIC_MAX_INSTANCES = 100
+    _C.MODEL.UPSNET.MASK_OVERLAP_THRESH = 0.3  # drop a mask this much covered by same-class masks
+    _C.MODEL.UPSNET.STUFF_AREA_LIMIT = 2048  # stuff segments smaller than this (px) become void
+    _C.MODEL.UPSNET.STUFF_RELABEL_FRACTION = 0.5  # instance relabelled as stuff above this share
+    # Data: the panoptic dataset mapper derives instances and the semantic map from the panoptic
+    # PNG; MIN_SIZE_TRAIN etc. keep their detectron2 meaning.
+    _C.INPUT.DATASET_MAPPER_NAME = "upsnet_panoptic"
+    # Checkpoints: torch.load(weights_only=True) unless the user opts in to full unpickling.
+    _C.MODEL.UNSAFE_LOAD_CHECKPOINT = False
+
+
+def add_robustness_config(cfg):
+    """Add the keys of the robustness sweep: attacks, objectives, defenses and report."""
+    _C = cfg
+    _C.ROBUSTNESS = CN()
+    # Attack algorithms to run (names in ATTACK_REGISTRY), each at every eps below.
+    _C.ROBUSTNESS.ATTACKS = ["ifgsm"]
+    # L-inf budgets on the 0-255 scale of INPUT.FORMAT (the study's grid).
+    _C.ROBUSTNESS.EPSILONS = [0.25, 1.0, 4.0, 16.0]
+    # Objective to maximise (names in OBJECTIVE_REGISTRY): "train_losses" is the study's choice.
+    _C.ROBUSTNESS.OBJECTIVE = "train_losses"
+    # Step size alpha (0-255 scale); <= 0 means the algorithm's default (1 for I-FGSM, eps/T else).
+    _C.ROBUSTNESS.STEP_SIZE = 1.0
+    # Iterations; <= 0 means Kurakin's rule max(1, ceil(min(eps + 4, 1.25 eps))).
+    _C.ROBUSTNESS.NUM_STEPS = 0
+    _C.ROBUSTNESS.RANDOM_START = False  # PGD: start from a uniform point in the eps-ball
+    _C.ROBUSTNESS.RESTARTS = 1  # PGD: random restarts; the per-image worst case is kept
+    _C.ROBUSTNESS.MOMENTUM = 1.0  # MI-FGSM decay mu
+    _C.ROBUSTNESS.SEED = 0  # seeds random starts and proposal sampling, per image
+    # Defenses to score every adversarial batch with ("none" always means undefended).
+    _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
+    # Round adversarial images to uint8 before defense / model (wipes out eps < 1 if True).
+    _C.ROBUSTNESS.QUANTIZE = False
+    # Score clean and clean+defense cells too.
+    _C.ROBUSTNESS.INCLUDE_CLEAN = True
+    # Images (<= 0: all) of the test set; keeps quick sweeps quick.
+    _C.ROBUSTNESS.MAX_IMAGES = 0
+    # Image grids (adversarial image, panoptic result, amplified difference) for this many images.
+    _C.ROBUSTNESS.NUM_EXAMPLES = 2
+    _C.ROBUSTNESS.DIFF_AMPLIFICATION = 10.0  # |x_adv - x| is multiplied by this in the grids
+
+    _C.DEFENSE = CN()
+    # OpenCV fastNlMeansDenoisingColored(img, None, H, H_COLOR, TEMPLATE, SEARCH): the study's values.
+    _C.DEFENSE.NLMEANS = CN()
+    _C.DEFENSE.NLMEANS.H = 10.0
+    _C.DEFENSE.NLMEANS.H_COLOR = 10.0
+    _C.DEFENSE.NLMEANS.TEMPLATE_WINDOW = 7
+    _C.DEFENSE.NLMEANS.SEARCH_WINDOW = 21
