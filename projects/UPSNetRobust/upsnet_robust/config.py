@@ -29,6 +29,8 @@ def add_upsnet_config(cfg):
     # Data: the panoptic dataset mapper derives instances and the semantic map from the panoptic
     # PNG; MIN_SIZE_TRAIN etc. keep their detectron2 meaning.
     _C.INPUT.DATASET_MAPPER_NAME = "upsnet_panoptic"
+    # Evaluation: mIoU with detectron2's SemSegEvaluator beside PQ.
+    _C.TEST.SEM_SEG_EVAL = True
     # Checkpoints: torch.load(weights_only=True) unless the user opts in to full unpickling.
     _C.MODEL.UNSAFE_LOAD_CHECKPOINT = False
 

@@ -1,1 +1,8 @@
 # Copyright (c) UPSNetRobust authors.
+"""UPSNet modeling: importing it registers ``UPSNet`` in META_ARCH_REGISTRY and
+``UPSNetSemanticHead`` in SEM_SEG_HEADS_REGISTRY."""
+from .checkpoint import UPSNetCheckpointer
+from .meta_arch import UPSNet
+from .semantic_head import DeformConvWithOffset, UPSNetSemanticHead
+
+__all__ = ["UPSNet", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer"]

@@ -1,0 +1,65 @@
+# Copyright (c) UPSNetRobust authors.
+"""Config set-up shared by the tools: detectron2's order with UPSNetRobust's keys and hints."""
+import difflib
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_robustness_config, add_upsnet_config
+
+__all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
+
+
+def get_upsnet_cfg() -> CfgNode:
+    """detectron2's defaults plus every UPSNetRobust key."""
+    cfg = get_cfg()
+    add_upsnet_config(cfg)
+    add_robustness_config(cfg)
+    return cfg
+
+
+def _known_keys(cfg: CfgNode, prefix: str = ""):
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, CfgNode):
+            yield from _known_keys(v, name + ".")
+        else:
+            yield name
+
+
+def merge_with_hints(cfg: CfgNode, config_file: str = None, opts=None) -> CfgNode:
+    """``merge_from_file`` / ``merge_from_list`` whose unknown-key errors name the source and
+    suggest the closest known keys."""
+    for source, merge in (
+        (config_file, lambda: cfg.merge_from_file(config_file)),
+        ("command-line opts", lambda: cfg.merge_from_list(list(opts or []))),
+    ):
+        if source is None:
+            continue
+        try:
+            merge()
+        except (KeyError, AssertionError) as e:  # yacs: KeyError (file), AssertionError (list)
+            if "Non-existent" not in str(e):
+                raise
+            key = str(e).split(":")[-1].strip(" '\"")
+            close = difflib.get_close_matches(key, list(_known_keys(cfg)), n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(
+                f"{e} (in {source}). UPSNetRobust keys exist only after add_upsnet_config / "
+                f"add_robustness_config (tools/ scripts call them).{hint}"
+            ) from e
+    return cfg
+
+
+def setup_cfg(args, freeze: bool = True) -> CfgNode:
+    """detectron2's set-up order: defaults, project keys, file, opts, freeze, default_setup."""
+    cfg = get_upsnet_cfg()
+    merge_with_hints(cfg, args.config_file or None, args.opts)
+    if freeze:
+        cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="upsnet_robust")
+    return cfg
+

@@ -1,0 +1,49 @@
+# Copyright (c) UPSNetRobust authors.
+"""Shared pytest fixtures. Tests run on the CPU with small images and few threads."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny.yaml")
+
+
+def tiny_cfg(*opts):
+    """The embedded tiny UPSNet config with extra ``KEY VALUE`` overrides."""
+    import upsnet_robust  # noqa: F401
+    from upsnet_robust.engine import get_upsnet_cfg, merge_with_hints
+
+    cfg = get_upsnet_cfg()
+    merge_with_hints(cfg, TINY_CONFIG, list(opts))
+    return cfg
+
+
+def make_panoptic_input(height=64, width=128, seed=0, float_image=False):
+    """A dataset-mapper-style input dict with three instances and a semantic map."""
+    from detectron2.structures import BitMasks, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, height, width, generator=g) * 255
+    if not float_image:
+        image = image.round().to(torch.uint8)
+    masks = torch.zeros(3, height, width, dtype=torch.bool)
+    masks[0, height // 6 : height // 2, width // 8 : width // 3] = True
+    masks[1, height // 3 : height - 4, width // 2 : width - 20] = True
+    masks[2, 2 : height // 4, width - 18 : width - 2] = True
+    inst = Instances((height, width))
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    inst.gt_classes = torch.tensor([0, 2, 7])
+    sem = torch.randint(0, 11, (height, width), generator=g)
+    for m, c in zip(masks, (11, 13, 18)):
+        sem[m] = c
+    sem[:2, :2] = 255
+    return {"image": image, "instances": inst, "sem_seg": sem, "height": height, "width": width}
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    return tiny_cfg()

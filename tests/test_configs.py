@@ -1,0 +1,43 @@
+# Copyright (c) UPSNetRobust authors.
+"""Every YAML under configs/ loads with the project's keys and builds a model."""
+import glob
+import os
+
+import pytest
+from conftest import REPO_ROOT, tiny_cfg
+from detectron2.modeling import build_model
+
+import upsnet_robust  # noqa: F401
+from upsnet_robust.engine import get_upsnet_cfg, merge_with_hints
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_configs_found():
+    assert any(c.endswith("upsnet_tiny.yaml") for c in CONFIGS)
+    assert any(c.endswith("upsnet_R_50_FPN.yaml") for c in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO_ROOT))
+def test_config_loads_and_builds(path):
+    cfg = get_upsnet_cfg()
+    merge_with_hints(cfg, path, ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+
+
+def test_r50_config_matches_the_paper_setting():
+    cfg = get_upsnet_cfg()
+    merge_with_hints(
+        cfg, os.path.join(REPO_ROOT, "configs/Cityscapes-PanopticSegmentation/upsnet_R_50_FPN.yaml")
+    )
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19 and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 8
+    assert cfg.INPUT.FORMAT == "BGR" and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]
+    assert list(cfg.MODEL.PIXEL_MEAN) == [102.9801, 115.9465, 122.7717]
+    assert cfg.INPUT.MIN_SIZE_TEST == 1024 and cfg.INPUT.MAX_SIZE_TEST == 2048
+    assert cfg.SOLVER.MAX_ITER == 12000 and cfg.SOLVER.BASE_LR == 0.02
+
+
+def test_unknown_key_error_names_source_and_suggests():
+    with pytest.raises(KeyError, match=r"command-line opts.*MODEL\.UPSNET\.STUFF_AREA_LIMIT"):
+        tiny_cfg("MODEL.UPSNET.STUFF_AREA_LIMT", "1")
