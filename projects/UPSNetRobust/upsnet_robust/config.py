@@ -3,6 +3,8 @@
 on a fresh ``get_cfg()`` before merging YAML files."""
 from detectron2.config import CfgNode as CN
 
+from .defenses.config import add_defense_config
+
 __all__ = ["add_upsnet_config", "add_robustness_config"]
 
 
@@ -64,11 +66,8 @@ def add_robustness_config(cfg):
     # Image grids (adversarial image, panoptic result, amplified difference) for this many images.
     _C.ROBUSTNESS.NUM_EXAMPLES = 2
     _C.ROBUSTNESS.DIFF_AMPLIFICATION = 10.0  # |x_adv - x| is multiplied by this in the grids
+    # Training: score attacked PQ (each attack x eps, undefended) every this many iterations.
+    _C.ROBUSTNESS.TRAIN_EVAL_PERIOD = 0
 
-    _C.DEFENSE = CN()
-    # OpenCV fastNlMeansDenoisingColored(img, None, H, H_COLOR, TEMPLATE, SEARCH): the study's values.
-    _C.DEFENSE.NLMEANS = CN()
-    _C.DEFENSE.NLMEANS.H = 10.0
-    _C.DEFENSE.NLMEANS.H_COLOR = 10.0
-    _C.DEFENSE.NLMEANS.TEMPLATE_WINDOW = 7
-    _C.DEFENSE.NLMEANS.SEARCH_WINDOW = 21
+    # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
+    add_defense_config(_C)

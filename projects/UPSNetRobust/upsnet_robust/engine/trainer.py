@@ -9,9 +9,16 @@ import weakref
 import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import (
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+    inference_on_dataset,
+    print_csv_format,
+)
+from detectron2.utils import comm
 
 from ..modeling import UPSNetCheckpointer
 
@@ -89,3 +96,45 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(
             cfg, dataset_name, mapper=build_panoptic_mapper(cfg, is_train=False)
         )
+
+    def build_hooks(self):
+        """detectron2's hooks, plus attacked evaluation every ROBUSTNESS.TRAIN_EVAL_PERIOD
+        iterations when it is > 0 (registered on every process, like EvalHook)."""
+        ret = super().build_hooks()
+        period = self.cfg.ROBUSTNESS.TRAIN_EVAL_PERIOD
+        if period > 0:
+            ret.insert(-1, hooks.EvalHook(period, lambda: self.test_with_attack(self.cfg, self.model)))
+        return ret
+
+    @classmethod
+    def test_with_attack(cls, cfg, model, evaluators=None):
+        """Score the model under each configured (attack, eps), undefended, with any evaluators.
+
+        Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``.
+        """
+        from ..attacks import build_attack  # the attacks import the engine-free modeling only
+        from ..evaluation import AdversarialInference
+
+        results = {}
+        for dataset_name in cfg.DATASETS.TEST:
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            for attack_name in cfg.ROBUSTNESS.ATTACKS:
+                for eps in cfg.ROBUSTNESS.EPSILONS:
+                    tag = f"{attack_name}_eps{eps:g}"
+                    evaluator = evaluators or cls.build_evaluator(
+                        cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
+                    )
+                    wrapper = AdversarialInference(
+                        model,
+                        attack=build_attack(cfg, attack_name, eps),
+                        objective=cfg.ROBUSTNESS.OBJECTIVE,
+                        input_format=cfg.INPUT.FORMAT,
+                        quantize=cfg.ROBUSTNESS.QUANTIZE,
+                        seed=cfg.ROBUSTNESS.SEED,
+                    )
+                    res = inference_on_dataset(wrapper, data_loader, evaluator)
+                    if comm.is_main_process():
+                        logger.info("Attacked (%s) results on %s:", tag, dataset_name)
+                        print_csv_format(res)
+                    results.update({f"{k}_{tag}": v for k, v in res.items()})
+        return results

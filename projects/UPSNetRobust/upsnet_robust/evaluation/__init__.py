@@ -1,1 +1,20 @@
 # Copyright (c) UPSNetRobust authors.
+"""Adversarial evaluation: the attack hook, sweep, evaluators and report."""
+from .adversarial_inference import FAILED_KEY, AdversarialInference
+from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
+from .robust_mapper import RobustMapper
+from .run import hardware_description, run_robustness_sweep
+from .sweep import RobustnessSweep, fingerprint, sweep_passes
+
+__all__ = [
+    "AdversarialInference",
+    "FAILED_KEY",
+    "MultiVariantEvaluator",
+    "PanopticSubsetEvaluator",
+    "RobustMapper",
+    "RobustnessSweep",
+    "fingerprint",
+    "hardware_description",
+    "run_robustness_sweep",
+    "sweep_passes",
+]

@@ -1,8 +1,9 @@
 # Copyright (c) UPSNetRobust authors.
 """UPSNet modeling: importing it registers ``UPSNet`` in META_ARCH_REGISTRY and
 ``UPSNetSemanticHead`` in SEM_SEG_HEADS_REGISTRY."""
+from .backbone import build_slim_resnet_fpn_backbone
 from .checkpoint import UPSNetCheckpointer
 from .meta_arch import UPSNet
 from .semantic_head import DeformConvWithOffset, UPSNetSemanticHead
 
-__all__ = ["UPSNet", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer"]
+__all__ = ["UPSNet", "build_slim_resnet_fpn_backbone", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer"]

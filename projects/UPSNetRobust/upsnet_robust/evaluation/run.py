@@ -1,0 +1,88 @@
+# Copyright (c) UPSNetRobust authors.
+"""Glue of the main job: sweep, example grids and report for one loaded model."""
+import datetime
+import logging
+import os
+import platform
+
+import torch
+
+import detectron2
+from detectron2.data import MetadataCatalog
+from detectron2.utils import comm
+
+from .examples import save_example_grid
+from .report import format_table, write_report
+from .sweep import RobustnessSweep, tensor_to_hwc_uint8
+
+__all__ = ["run_robustness_sweep", "hardware_description"]
+
+logger = logging.getLogger(__name__)
+
+
+def hardware_description(device: str) -> str:
+    """One line naming the device, CPU and threads, stated with every timing."""
+    cpu = platform.processor() or platform.machine()
+    line = f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        line = f"{torch.cuda.get_device_name()} ({line})"
+    return f"{line}, {comm.get_world_size()} process(es)"
+
+
+def _example_writer(cfg, output_dir):
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    folder = os.path.join(output_dir, "examples")
+    os.makedirs(folder, exist_ok=True)
+
+    def write(spec, x, clean, adv, defended, outputs):
+        defended_name = next((d for d in defended if d != "none"), None)
+        name = f"{spec['attack']}_eps{spec['eps']:g}_{x.get('image_id', 'image')}.png"
+        save_example_grid(
+            os.path.join(folder, name),
+            tensor_to_hwc_uint8(clean),
+            tensor_to_hwc_uint8(adv),
+            outputs["none"]["panoptic_seg"] if "none" in outputs else None,
+            metadata,
+            defended_image=tensor_to_hwc_uint8(defended[defended_name]) if defended_name else None,
+            panoptic_def=outputs[defended_name]["panoptic_seg"] if defended_name else None,
+            amplification=cfg.ROBUSTNESS.DIFF_AMPLIFICATION,
+            input_format=cfg.INPUT.FORMAT,
+            title=f"{spec['attack']} eps={spec['eps']:g} {x.get('image_id', '')}",
+        )
+
+    return write
+
+
+def run_robustness_sweep(cfg, model, config_file: str = ""):
+    """Run or resume the sweep, then (main process) write the report into cfg.OUTPUT_DIR.
+
+    Returns:
+        dict with ``cells`` and the report ``paths`` on the main process, else None.
+    """
+    output_dir = cfg.OUTPUT_DIR
+    sweep = RobustnessSweep(
+        cfg, model, cfg.MODEL.WEIGHTS, output_dir, on_example=_example_writer(cfg, output_dir)
+    )
+    cells = sweep.run()
+    if not comm.is_main_process():
+        return None
+    metadata = {
+        "config_file": config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "dataset": cfg.DATASETS.TEST[0],
+        "hardware": hardware_description(cfg.MODEL.DEVICE),
+        "batch_size": 1,
+        "input_format": cfg.INPUT.FORMAT,
+        "objective": cfg.ROBUSTNESS.OBJECTIVE,
+        "seed": cfg.ROBUSTNESS.SEED,
+        "quantized": cfg.ROBUSTNESS.QUANTIZE,
+        "eps_scale": "0-255 pixel values of INPUT.FORMAT, before mean subtraction",
+        "step_rule": "I-FGSM/ILLC: T = max(1, ceil(min(eps + 4, 1.25 eps))), alpha = 1",
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    paths = write_report(cells, output_dir, metadata)
+    logger.info("Robustness results:\n%s", format_table(cells))
+    logger.info("Report written: %s", ", ".join(sorted(paths.values())))
+    return {"cells": cells, "paths": paths}

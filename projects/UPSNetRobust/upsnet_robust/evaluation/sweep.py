@@ -1,0 +1,240 @@
+# Copyright (c) UPSNetRobust authors.
+"""The robustness sweep: attacks x eps x defenses, plus clean cells, with resume.
+
+Each *pass* (clean, or one attack at one eps) computes its adversarial images once and scores
+them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense). Finished images are
+cached per pass, finished passes store their cells; both live under a directory keyed by a
+fingerprint of the model config and the checkpoint's bytes, and each pass's directory by a hash
+of its attack, objective, defense and data settings, so a changed config or checkpoint never
+reuses stale work while unrelated additions (a new eps) keep what is done.
+"""
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.evaluation import inference_on_dataset
+from detectron2.utils import comm
+
+from ..attacks import build_attack
+from ..data import build_panoptic_mapper
+from ..defenses import build_defense_from_cfg
+from .adversarial_inference import AdversarialInference
+from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
+from .robust_mapper import RobustMapper
+
+__all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+CLEAN = "clean"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(cfg, weights: str) -> str:
+    """Hash of what determines the model's predictions: model, input and test-data config, and
+    the checkpoint's bytes."""
+    h = hashlib.sha256()
+    for node in ("MODEL", "INPUT"):
+        h.update(cfg[node].dump().encode())
+    h.update(repr(tuple(cfg.DATASETS.TEST)).encode())
+    if weights and os.path.isfile(weights):
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(f"weights:{weights}".encode())
+    return h.hexdigest()[:16]
+
+
+def sweep_passes(cfg) -> List[Dict]:
+    """The passes of a sweep, in order: clean first (if configured), then attack x eps."""
+    r = cfg.ROBUSTNESS
+    passes = [{"attack": CLEAN, "eps": 0.0}] if r.INCLUDE_CLEAN else []
+    for name in r.ATTACKS:
+        for eps in r.EPSILONS:
+            passes.append({"attack": name, "eps": float(eps)})
+    return passes
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class RobustnessSweep:
+    """Runs (or resumes) the configured sweep for one model and returns its cells.
+
+    Args:
+        cfg: a config with UPSNetRobust's keys.
+        model: the model in eval mode, weights loaded.
+        weights (str): the checkpoint path (part of the cache fingerprint).
+        output_dir (str): where the cache, results and examples go.
+        on_example (callable): ``(pass_spec, input, clean, adv, defended, outputs)`` for the
+            first ``ROBUSTNESS.NUM_EXAMPLES`` images of each attacked pass (main process).
+    """
+
+    def __init__(self, cfg, model, weights: str, output_dir: str, on_example=None):
+        self.cfg = cfg
+        self.model = model
+        self.output_dir = output_dir
+        self.on_example = on_example
+        self.dataset_name = cfg.DATASETS.TEST[0]
+        self.cache_root = os.path.join(output_dir, "robustness_cache", fingerprint(cfg, weights))
+        self.defense_names = list(OrderedDict.fromkeys(["none"] + list(cfg.ROBUSTNESS.DEFENSES)))
+        if "none" not in cfg.ROBUSTNESS.DEFENSES:
+            self.defense_names.remove("none")
+        self.defenses = OrderedDict(
+            (d, None if d == "none" else build_defense_from_cfg(cfg, d)) for d in self.defense_names
+        )
+
+    # ------------------------------------------------------------------ data
+    def _dataset(self) -> List[Dict]:
+        dicts = DatasetCatalog.get(self.dataset_name)
+        n = self.cfg.ROBUSTNESS.MAX_IMAGES
+        return dicts[:n] if n > 0 else dicts
+
+    def _loader(self):
+        mapper = RobustMapper(build_panoptic_mapper(self.cfg, is_train=False))
+        return build_detection_test_loader(
+            self._dataset(), mapper=mapper, num_workers=self.cfg.DATALOADER.NUM_WORKERS
+        )
+
+    # ------------------------------------------------------------------ passes
+    def _attack(self, spec: Dict):
+        if spec["attack"] == CLEAN:
+            return None
+        return build_attack(self.cfg, spec["attack"], spec["eps"])
+
+    def _pass_key(self, spec: Dict, attack) -> str:
+        r = self.cfg.ROBUSTNESS
+        desc = {
+            "attack": attack.describe() if attack is not None else CLEAN,
+            "objective": self._objective(attack),
+            "quantize": r.QUANTIZE,
+            "seed": r.SEED,
+            "defenses": self.defense_names,
+            "defense_cfg": self.cfg.DEFENSE.dump(),
+            "images": r.MAX_IMAGES,
+        }
+        digest = _sha(json.dumps(desc, sort_keys=True, default=str).encode())[:10]
+        return f"{spec['attack']}_eps{spec['eps']:g}_{digest}"
+
+    def _objective(self, attack) -> Optional[str]:
+        if attack is None:
+            return None
+        return getattr(attack, "required_objective", None) or self.cfg.ROBUSTNESS.OBJECTIVE
+
+    def run(self) -> List[Dict]:
+        cells = []
+        passes = sweep_passes(self.cfg)
+        for index, spec in enumerate(passes):
+            attack = self._attack(spec)
+            key = self._pass_key(spec, attack)
+            pass_dir = os.path.join(self.cache_root, key)
+            done = os.path.join(pass_dir, "cells.json")
+            if os.path.isfile(done):
+                logger.info("[%d/%d] %s: finished earlier, loading %s", index + 1, len(passes), key, done)
+                with open(done) as f:
+                    cells += json.load(f)
+                continue
+            logger.info("[%d/%d] %s: running", index + 1, len(passes), key)
+            pass_cells = self._run_pass(spec, attack, pass_dir)
+            if comm.is_main_process():
+                _atomic_json(done, pass_cells)
+            comm.synchronize()
+            cells += pass_cells
+        return cells
+
+    def _run_pass(self, spec: Dict, attack, pass_dir: str) -> List[Dict]:
+        r = self.cfg.ROBUSTNESS
+        wrapper = AdversarialInference(
+            self.model,
+            attack=attack,
+            objective=r.OBJECTIVE,
+            defenses=self.defenses,
+            input_format=self.cfg.INPUT.FORMAT,
+            quantize=r.QUANTIZE,
+            seed=r.SEED,
+            cache_dir=pass_dir,
+            on_image=self._example_hook(spec),
+        )
+        evaluator = MultiVariantEvaluator(
+            {d: PanopticSubsetEvaluator(self.dataset_name) for d in self.defense_names}
+        )
+        results = inference_on_dataset(wrapper, self._loader(), evaluator)
+        records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
+        if not comm.is_main_process():
+            return []
+        return self._cells(spec, attack, results, records)
+
+    def _example_hook(self, spec: Dict):
+        if self.on_example is None or spec["attack"] == CLEAN or not comm.is_main_process():
+            return None
+        budget = {"left": self.cfg.ROBUSTNESS.NUM_EXAMPLES}
+
+        def hook(x, clean, adv, defended, outputs):
+            if budget["left"] > 0:
+                budget["left"] -= 1
+                self.on_example(spec, x, clean, adv, defended, outputs)
+
+        return hook
+
+    def _cells(self, spec, attack, results, records) -> List[Dict]:
+        ok = [rec for rec in records if rec["failure"] is None]
+        desc = attack.describe() if attack is not None else {}
+        cells = []
+        for d in self.defense_names:
+            pq = results.get(d, {}).get("panoptic_seg", {})
+            cells.append(
+                {
+                    "attack": spec["attack"],
+                    "objective": self._objective(attack),
+                    "eps": spec["eps"],
+                    "num_steps": int(desc.get("num_steps", 0) or 0),
+                    "step_size": float(desc.get("step_size", 0.0) or 0.0),
+                    "random_start": bool(desc.get("random_start", False)),
+                    "restarts": int(desc.get("restarts", 1) or 1),
+                    "defense": d,
+                    "adaptive": False,
+                    "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
+                    "PQ": pq.get("PQ"),
+                    "SQ": pq.get("SQ"),
+                    "RQ": pq.get("RQ"),
+                    "PQ_th": pq.get("PQ_th"),
+                    "PQ_st": pq.get("PQ_st"),
+                    "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
+                    "defense_s_per_image": _mean([rec["defense_s"][d] for rec in ok]),
+                    "num_images": len(ok),
+                    "num_failed": len(records) - len(ok),
+                    "failures": [
+                        {"image_id": rec["image_id"], "reason": rec["failure"]}
+                        for rec in records
+                        if rec["failure"] is not None
+                    ],
+                }
+            )
+        return cells
+
+
+def _mean(values) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def tensor_to_hwc_uint8(image: torch.Tensor):
+    """(3, H, W) float 0-255 -> (H, W, 3) uint8 numpy, same channel order."""
+    return image.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def dataset_metadata(cfg):
+    return MetadataCatalog.get(cfg.DATASETS.TEST[0])
