@@ -47,3 +47,26 @@ def make_panoptic_input(height=64, width=128, seed=0, float_image=False):
 @pytest.fixture
 def tiny_model_cfg():
     return tiny_cfg()
+
+
+# --- data fixtures (upsnet_robust.data) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def synthetic_cityscapes_root(tmp_path_factory):
+    """Root of a tiny synthetic Cityscapes-format data set: 4 train / 2 val images of 64x128."""
+    from upsnet_robust.data import generate_synthetic_cityscapes
+
+    root = tmp_path_factory.mktemp("data") / "synthetic_cityscapes"
+    return generate_synthetic_cityscapes(
+        str(root), num_train=4, num_val=2, seed=0, height=64, width=128, show_progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_cityscapes_names(synthetic_cityscapes_root):
+    """``{"train": name, "val": name}`` of the tiny synthetic data set, registered in detectron2."""
+    from upsnet_robust.data import register_synthetic_cityscapes_panoptic
+
+    names = register_synthetic_cityscapes_panoptic(
+        synthetic_cityscapes_root, name_prefix="pytest_synthetic_cityscapes"
+    )
+    return dict(zip(("train", "val"), names))

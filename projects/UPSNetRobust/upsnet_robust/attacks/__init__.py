@@ -1,1 +1,42 @@
 # Copyright (c) UPSNetRobust authors.
+"""Adversarial attack algorithms (model-agnostic) and their registry.
+
+An attack maximises ``objective(x)`` (a scalar or one value per image) over float images on the
+0-255 scale within an L-inf ball; see :class:`Attack`.
+"""
+
+from .base import Attack, DenseObjective, NonFiniteGradientError, objective_gradient, project_linf
+from .cospgd import CosPGD, cospgd_loss
+from .dense import DenseAttack
+from .fgsm import FGSM
+from .iterative import BIM, IFGSM, ILLC, PGD, kurakin_num_steps
+from .momentum import MIFGSM
+from .registry import ATTACK_REGISTRY, UnknownAttackError, build_attack
+from .segpgd import SegPGD, segpgd_lambda, segpgd_loss
+from . import objectives
+from .objectives import *  # noqa: F401,F403  (objectives, OBJECTIVE_REGISTRY, build_objective)
+
+__all__ = [
+    "ATTACK_REGISTRY",
+    "Attack",
+    "BIM",
+    "CosPGD",
+    "DenseAttack",
+    "DenseObjective",
+    "FGSM",
+    "IFGSM",
+    "ILLC",
+    "MIFGSM",
+    "NonFiniteGradientError",
+    "PGD",
+    "SegPGD",
+    "UnknownAttackError",
+    "build_attack",
+    "cospgd_loss",
+    "kurakin_num_steps",
+    "objective_gradient",
+    "project_linf",
+    "segpgd_lambda",
+    "segpgd_loss",
+]
+__all__ += objectives.__all__

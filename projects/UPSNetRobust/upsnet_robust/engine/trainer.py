@@ -20,6 +20,9 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 
+from ..attacks import build_attack
+from ..data import build_panoptic_mapper
+from ..evaluation import AdversarialInference
 from ..modeling import UPSNetCheckpointer
 
 __all__ = ["Trainer", "build_checkpointer"]
@@ -85,14 +88,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from ..data import build_panoptic_mapper  # TEMP lazy until data lands
-
         return build_detection_train_loader(cfg, mapper=build_panoptic_mapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from ..data import build_panoptic_mapper  # TEMP lazy until data lands
-
         return build_detection_test_loader(
             cfg, dataset_name, mapper=build_panoptic_mapper(cfg, is_train=False)
         )
@@ -112,9 +111,6 @@ class Trainer(DefaultTrainer):
 
         Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``.
         """
-        from ..attacks import build_attack  # the attacks import the engine-free modeling only
-        from ..evaluation import AdversarialInference
-
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
             data_loader = cls.build_test_loader(cfg, dataset_name)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..attacks import NonFiniteGradientError
-from ..attacks.objectives import build_objective
+from ..attacks.objectives import build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
 
 __all__ = ["AdversarialInference", "FAILED_KEY"]
@@ -129,6 +129,8 @@ class AdversarialInference(nn.Module):
         if self.attack is not None:
             name = getattr(self.attack, "required_objective", None) or self.objective
             objective = build_objective(name, self.model, [x], seed=self.seed)
+            if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
+                self.attack.manual_seed([image_seed(self.seed, x.get("image_id"))])
             _sync(device)
             start = time.perf_counter()
             try:

@@ -1,0 +1,325 @@
+# Copyright (c) UPSNetRobust authors.
+"""Shared machinery of the attack algorithms: epsilon checks, the L-inf projection, gradients.
+
+Every attack works on float images on the 0-255 pixel scale, *after* resizing and *before*
+mean subtraction (ATTACKS.md, section C), and maximises an objective. Nothing here knows about
+UPSNet: an objective is any callable ``x -> value`` where value is a scalar or one value per
+image, so the same code drives train-loss, inference-path and toy objectives.
+"""
+
+import logging
+import math
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+import torch
+
+__all__ = [
+    "Attack",
+    "DenseObjective",
+    "NonFiniteGradientError",
+    "check_eps",
+    "objective_gradient",
+    "project_linf",
+]
+
+logger = logging.getLogger(__name__)
+
+PIXEL_MIN = 0.0
+PIXEL_MAX = 255.0
+
+EpsLike = Union[float, torch.Tensor]
+GeneratorLike = Union[None, torch.Generator, List[torch.Generator]]
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The gradient of the objective contains NaN or inf.
+
+    Raised instead of silently stepping with ``sign(nan) = nan``, which would poison the
+    adversarial images. ``per_image_mask`` (bool tensor (N,), on CPU) says which images had a
+    non-finite gradient, so a caller can drop or re-run only those.
+    """
+
+    def __init__(self, per_image_mask: torch.Tensor, message: Optional[str] = None):
+        self.per_image_mask = per_image_mask.detach().to("cpu", torch.bool)
+        if message is None:
+            bad = self.per_image_mask.nonzero().flatten().tolist()
+            message = (
+                f"Non-finite (NaN/inf) gradient of the attack objective for image(s) {bad} "
+                f"of a batch of {self.per_image_mask.numel()}."
+            )
+        super().__init__(message)
+
+
+@runtime_checkable
+class DenseObjective(Protocol):
+    """An objective that exposes per-pixel logits and labels (needed by SegPGD and CosPGD).
+
+    Those attacks weight the per-pixel cross-entropy by per-pixel correctness, so a scalar
+    objective is not enough.
+    """
+
+    def logits_and_targets(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x (Tensor): (N, 3, H, W) images on the 0-255 scale.
+
+        Returns:
+            tuple[Tensor, Tensor]: logits (N, C, H', W') differentiable w.r.t. ``x``, and
+            targets (N, H', W') long, where 255 marks pixels to ignore.
+        """
+        ...
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool)
+
+
+def check_eps(eps: EpsLike, name: str = "eps") -> EpsLike:
+    """Validate an L-inf budget (0-255 units).
+
+    Args:
+        eps (float or Tensor): a positive finite number, or a 0-d / 1-d (N,) tensor of them
+            (one budget per image).
+        name (str): used in the error message.
+
+    Returns:
+        float or Tensor: a Python float, or a detached 1-d float64 CPU tensor.
+
+    Raises:
+        ValueError: if any budget is <= 0, NaN or inf, or the tensor is not 0-d/1-d.
+    """
+    if _is_bool(eps):
+        raise ValueError(f"{name} must be a positive finite number, got {eps!r}")
+    if torch.is_tensor(eps):
+        if eps.dim() > 1:
+            raise ValueError(
+                f"{name} must be a number or a 1-d (N,) tensor, got shape {tuple(eps.shape)}"
+            )
+        t = eps.detach().to("cpu", torch.float64)
+        if t.dim() == 0:
+            return check_eps(float(t), name)
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be an empty tensor")
+        bad = ~(torch.isfinite(t) & (t > 0))
+        if bad.any():
+            raise ValueError(
+                f"{name} must be positive and finite for every image, got {t.tolist()} "
+                f"(bad at indices {bad.nonzero().flatten().tolist()})"
+            )
+        return t
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite number, got {eps!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def _per_image(value: EpsLike, x: torch.Tensor) -> torch.Tensor:
+    """``value`` as a (N, 1, ..., 1) tensor broadcastable against ``x`` (N, ...)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    if torch.is_tensor(value) and value.dim() > 0:
+        if value.numel() != x.shape[0]:
+            raise ValueError(
+                f"Per-image value has {value.numel()} entries but the batch has {x.shape[0]} "
+                "images"
+            )
+        return value.to(device=x.device, dtype=x.dtype).reshape(shape)
+    return torch.full(shape, float(value), device=x.device, dtype=x.dtype)
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: EpsLike) -> torch.Tensor:
+    """Clip_{x,eps}(z) = min(255, x + eps, max(0, x - eps, z)), elementwise.
+
+    The projection onto the L-inf ball of radius ``eps`` around ``x`` intersected with the
+    valid pixel box [0, 255]; applied after every step so the result is always a valid image.
+
+    Args:
+        x_adv (Tensor): (N, ...) candidate images.
+        x (Tensor): (N, ...) clean images, same shape.
+        eps (float or Tensor): budget, or a (N,) tensor of per-image budgets (padded batches
+            mixing budgets).
+
+    Returns:
+        Tensor: the projected images (a new tensor; inputs untouched).
+    """
+    if x_adv.shape != x.shape:
+        raise ValueError(f"x_adv {tuple(x_adv.shape)} and x {tuple(x.shape)} differ in shape")
+    e = _per_image(eps, x)
+    lower = torch.clamp(x - e, min=PIXEL_MIN)
+    upper = torch.clamp(x + e, max=PIXEL_MAX)
+    return torch.min(upper, torch.max(lower, x_adv))
+
+
+def objective_gradient(
+    objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Value and input gradient of an objective, safe to call under ``torch.no_grad()``.
+
+    detectron2 runs inference inside ``torch.no_grad()``, where a white-box attack would fail
+    with "element 0 of tensors does not require grad"; we re-enable autograd locally. The
+    gradient is taken of ``objective(x).sum()``, so per-image objectives give per-image
+    gradients.
+
+    Args:
+        objective (callable): maps (N, ...) images to a scalar or a (N,) tensor to maximise.
+        x (Tensor): (N, ...) images. Never modified; need not require grad.
+
+    Returns:
+        tuple[Tensor, Tensor]: the detached objective value (0-d or (N,)) and the gradient
+        (same shape and dtype as ``x``).
+
+    Raises:
+        NonFiniteGradientError: if the gradient has NaN/inf entries.
+        ValueError: if the objective's shape is neither () nor (N,).
+        RuntimeError: if the objective does not depend differentiably on ``x``.
+    """
+    x_in = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = objective(x_in)
+        if not torch.is_tensor(value):
+            raise TypeError(f"The objective must return a tensor, got {type(value).__name__}")
+        if value.dim() != 0 and tuple(value.shape) != (x.shape[0],):
+            raise ValueError(
+                f"The objective must return a scalar or one value per image (shape "
+                f"({x.shape[0]},)), got shape {tuple(value.shape)}"
+            )
+        if not value.requires_grad:
+            raise RuntimeError(
+                "The objective's value does not depend differentiably on the input images "
+                "(it does not require grad); an attack needs d objective / d x."
+            )
+        (grad,) = torch.autograd.grad(value.sum(), x_in, allow_unused=True)
+    if grad is None:
+        raise RuntimeError("The objective's value does not depend on the input images.")
+    bad = ~torch.isfinite(grad).reshape(grad.shape[0], -1).all(dim=1)
+    if bad.any():
+        raise NonFiniteGradientError(bad)
+    return value.detach(), grad.detach()
+
+
+class Attack:
+    """Base class: an L-inf attack that maximises an objective around a batch of images.
+
+    Subclasses implement :meth:`perturb`. Counters ``num_forward_backward`` (objective plus
+    gradient evaluations) and ``num_forward`` (objective-only evaluations, e.g. scoring
+    restarts) accumulate over calls so benchmarks can report cost per image and per iteration;
+    :meth:`reset_counters` zeroes them.
+
+    Attributes:
+        name (str): the name in ``ATTACK_REGISTRY`` (reported by :meth:`describe`).
+        required_objective (str or None): the objective an attack only makes sense with
+            (e.g. ILLC needs "least_likely"); None if any objective works.
+    """
+
+    name = "attack"
+    required_objective: Optional[str] = None
+
+    def __init__(self, eps: EpsLike, generator: GeneratorLike = None):
+        """
+        Args:
+            eps (float or Tensor): L-inf budget on the 0-255 scale, or a (N,) tensor of
+                per-image budgets.
+            generator (torch.Generator or list[torch.Generator], optional): source of
+                randomness (random starts), for reproducible runs. A list holds one generator
+                per image, so an image's random start does not depend on its batch (see
+                :meth:`manual_seed`). CPU generators give the same draws on any device.
+        """
+        self.eps = check_eps(eps)
+        self.generator = generator
+        self.num_forward_backward = 0
+        self.num_forward = 0
+
+    # ----------------------------------------------------------------------------------------
+    def perturb(self, images: torch.Tensor, objective) -> torch.Tensor:
+        """
+        Args:
+            images (Tensor): (N, 3, H, W) float images on the 0-255 scale (not modified).
+            objective (callable): ``objective(x)`` -> scalar or (N,) tensor to maximise.
+
+        Returns:
+            Tensor: (N, 3, H, W) float adversarial images, within ``eps`` of ``images`` in
+            L-inf and inside [0, 255]. Never rounded to uint8 here.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Hyper-parameters for the report (ATTACKS.md asks for alpha, T, restarts, ...)."""
+        return {
+            "name": self.name,
+            "eps": self._eps_for_report(),
+            "num_steps": 1,
+            "step_size": self._eps_for_report(),
+            "random_start": False,
+            "restarts": 1,
+        }
+
+    def manual_seed(self, seed: Union[int, Sequence[int]]) -> "Attack":
+        """Replace the generator by fresh CPU generator(s) with the given seed(s).
+
+        Args:
+            seed (int or list[int]): one seed for the batch, or one per image (e.g. derived
+                from ``image_id``), which makes random starts independent of batching.
+
+        Returns:
+            Attack: self, for chaining.
+        """
+        if isinstance(seed, (list, tuple)):
+            self.generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+        else:
+            self.generator = torch.Generator().manual_seed(int(seed))
+        return self
+
+    def reset_counters(self) -> None:
+        self.num_forward_backward = 0
+        self.num_forward = 0
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    # ----------------------------------------------------------------------------------------
+    def _eps_for_report(self):
+        return self.eps.tolist() if torch.is_tensor(self.eps) else self.eps
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Validate the batch; return it detached, as float (never modified in place)."""
+        if not torch.is_tensor(images) or images.dim() != 4:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a (N, 3, H, W) tensor, got {shape}")
+        if torch.is_tensor(self.eps) and self.eps.numel() != images.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} has {self.eps.numel()} per-image budgets but the batch "
+                f"has {images.shape[0]} images"
+            )
+        x = images.detach()
+        if not x.is_floating_point():
+            x = x.float()  # uint8 images from a DatasetMapper: work in float, never round back
+        return x
+
+    def _eps_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image budgets as a (N,) tensor on ``x``'s device and dtype."""
+        return _per_image(self.eps, x).reshape(-1)
+
+    def _gradient(self, objective, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.num_forward_backward += 1
+        return objective_gradient(objective, x)
+
+    def _uniform(self, x: torch.Tensor) -> torch.Tensor:
+        """U[0, 1) noise shaped like ``x``, drawn on the generator's device then moved.
+
+        One ``torch.rand(x.shape)`` from a single generator, or one ``torch.rand(x.shape[1:])``
+        per image from a list of per-image generators.
+        """
+        gen = self.generator
+        if isinstance(gen, (list, tuple)):
+            if len(gen) != x.shape[0]:
+                raise ValueError(
+                    f"{type(self).__name__} has {len(gen)} per-image generators but the batch "
+                    f"has {x.shape[0]} images"
+                )
+            u = [torch.rand(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gen]
+            return torch.stack([ui.to(x.device) for ui in u])
+        device = gen.device if gen is not None else x.device
+        return torch.rand(x.shape, generator=gen, device=device, dtype=x.dtype).to(x.device)

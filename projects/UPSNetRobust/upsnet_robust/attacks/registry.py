@@ -1,0 +1,69 @@
+# Copyright (c) UPSNetRobust authors.
+"""``ATTACK_REGISTRY`` and :func:`build_attack`: pick an attack algorithm by name from a config."""
+
+from detectron2.utils.registry import Registry
+
+from .base import Attack
+from .cospgd import CosPGD
+from .fgsm import FGSM
+from .iterative import BIM, IFGSM, ILLC, PGD
+from .momentum import MIFGSM
+from .segpgd import SegPGD
+
+__all__ = ["ATTACK_REGISTRY", "UnknownAttackError", "build_attack"]
+
+ATTACK_REGISTRY = Registry("ATTACK")
+ATTACK_REGISTRY.__doc__ = """
+Registry for attack algorithms (classes deriving from :class:`Attack`).
+
+The registered object is called as ``cls(**cls.from_config(cfg, eps))`` and must provide
+``perturb(images, objective) -> adv_images`` and ``describe() -> dict``. The built-in attacks
+are registered under lowercase names ("fgsm", "ifgsm", "bim", "pgd", "mifgsm", "segpgd",
+"cospgd", "illc"), the names used in ``cfg.ROBUSTNESS.ATTACKS``. ``ATTACK_REGISTRY.register()``
+registers a user class under its class name.
+"""
+
+# fvcore's public register() always uses ``obj.__name__``; the config names are lowercase, so
+# the built-ins are registered under their ``name`` attribute.
+for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC):
+    ATTACK_REGISTRY._do_register(_cls.name, _cls)
+del _cls
+
+
+class UnknownAttackError(KeyError, ValueError):
+    """No attack of that name; both a KeyError (registry lookup) and a ValueError (bad config)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+def _registered_names():
+    return sorted(name for name, _ in ATTACK_REGISTRY)
+
+
+def build_attack(cfg, name: str, eps) -> Attack:
+    """Build the attack ``name`` with budget ``eps`` and the ``cfg.ROBUSTNESS`` settings.
+
+    Reads ROBUSTNESS.{STEP_SIZE, NUM_STEPS, RANDOM_START, RESTARTS, MOMENTUM, SEED}. NUM_STEPS
+    <= 0 means Kurakin's rule (10 for MI-FGSM); STEP_SIZE <= 0 means the algorithm's default
+    (1 for I-FGSM/ILLC, eps / T otherwise); FGSM ignores both. Randomised attacks get a CPU
+    generator seeded with ROBUSTNESS.SEED.
+
+    Args:
+        cfg (CfgNode): a config with the robustness keys (``add_robustness_config``).
+        name (str): a registered name (case-insensitive for the built-ins), e.g. "pgd".
+        eps (float or Tensor): L-inf budget on the 0-255 scale, or (N,) per image.
+
+    Returns:
+        Attack: the attack instance.
+
+    Raises:
+        UnknownAttackError: (a KeyError and a ValueError) listing the registered names.
+    """
+    key = name if name in ATTACK_REGISTRY else str(name).strip().lower()
+    if key not in ATTACK_REGISTRY:
+        raise UnknownAttackError(
+            f"Unknown attack {name!r}; registered attacks: {', '.join(_registered_names())}"
+        )
+    cls = ATTACK_REGISTRY.get(key)
+    return cls(**cls.from_config(cfg, eps))

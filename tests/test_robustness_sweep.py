@@ -1,0 +1,255 @@
+# Copyright (c) UPSNetRobust authors.
+"""The attack hook, the sweep, its outputs, resume, failures and 1-vs-2-process equality."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_cfg
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+
+from upsnet_robust.attacks import FGSM, IFGSM, build_attack
+from upsnet_robust.attacks.objectives import (
+    OBJECTIVE_REGISTRY,
+    MissingGroundTruthError,
+    build_objective,
+)
+from upsnet_robust.data import build_panoptic_mapper
+from upsnet_robust.evaluation import (
+    AdversarialInference,
+    MultiVariantEvaluator,
+    PanopticSubsetEvaluator,
+    fingerprint,
+    run_robustness_sweep,
+)
+
+SWEEP_OPTS = [
+    "ROBUSTNESS.ATTACKS", "['fgsm', 'ifgsm']",
+    "ROBUSTNESS.EPSILONS", "[1.0, 4.0]",
+    "ROBUSTNESS.DEFENSES", "['none', 'nlmeans']",
+    "DEFENSE.NLMEANS.SEARCH_WINDOW", "11",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """An untrained tiny UPSNet checkpoint (the sweep's plumbing does not need a trained one)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    path = str(tmp_path_factory.mktemp("weights") / "model.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _cfg(names, weights, output_dir, *opts):
+    cfg = tiny_cfg(
+        "DATASETS.TEST", f"('{names['val']}',)",
+        "MODEL.WEIGHTS", weights,
+        "OUTPUT_DIR", str(output_dir),
+        *SWEEP_OPTS,
+        *opts,
+    )
+    return cfg
+
+
+def _model(cfg):
+    from upsnet_robust.engine import build_checkpointer
+
+    model = build_model(cfg)
+    build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+def _loader(cfg):
+    return build_detection_test_loader(
+        cfg, cfg.DATASETS.TEST[0], mapper=build_panoptic_mapper(cfg, is_train=False)
+    )
+
+
+def test_hook_attacks_under_inference_on_dataset_no_grad(synthetic_cityscapes_names, weights, tmp_path):
+    cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path)
+    model = _model(cfg)
+    seen = []
+    wrapper = AdversarialInference(
+        model, attack=FGSM(4.0), objective="semantic_ce",
+        on_image=lambda x, clean, adv, defended, outputs: seen.append((clean, adv)),
+    )
+    evaluator = MultiVariantEvaluator({"none": PanopticSubsetEvaluator(cfg.DATASETS.TEST[0])})
+    results = inference_on_dataset(wrapper, _loader(cfg), evaluator)  # runs under no_grad
+    assert "panoptic_seg" in results["none"] and results["failures"] == []
+    assert len(seen) == 2 and len(wrapper.records) == 2
+    for clean, adv in seen:
+        delta = (adv - clean).abs()
+        assert delta.max() <= 4.0 + 1e-4 and adv.min() >= 0 and adv.max() <= 255
+        # FGSM moves (almost) every pixel by eps: the gradient reached the input.
+        assert (delta > 3.99).float().mean() > 0.5
+    assert all(r["attack_s"] > 0 for r in wrapper.records)
+
+
+def test_objectives_values_and_errors(synthetic_cityscapes_names, weights, tmp_path):
+    cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path)
+    model = _model(cfg)
+    d = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+    x = build_panoptic_mapper(cfg, is_train=False)(d)
+    image = x["image"].float()[None]
+    for name in ("train_losses", "semantic_ce", "panoptic", "least_likely", "pseudo_label"):
+        objective = build_objective(name, model, [x], seed=3)
+        a, b = objective(image), objective(image)
+        assert a.shape == (1,) and torch.isfinite(a).all()
+        assert torch.equal(a, b), f"{name} is not deterministic for a seed"
+    assert build_objective("least_likely", model, [x])(image) < 0  # negative CE to targets
+    no_gt = {k: v for k, v in x.items() if k not in ("instances", "sem_seg")}
+    with pytest.raises(MissingGroundTruthError, match="pseudo_label"):
+        build_objective("train_losses", model, [no_gt])
+    with pytest.raises(KeyError, match="train_losses"):
+        build_objective("nope", model, [x])
+    # train-mode losses leave BatchNorm statistics untouched
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    build_objective("train_losses", model, [x])(image)
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+    assert not model.training
+
+
+def _nonfinite_objective():
+    name = "pytest_nonfinite"
+    if name not in OBJECTIVE_REGISTRY:
+
+        class NonFinite:
+            registered_name = name
+
+            def __init__(self, model, batched_inputs, seed=0):
+                pass
+
+            def __call__(self, x):
+                return (x * float("nan")).flatten(1).sum(1)
+
+        OBJECTIVE_REGISTRY._do_register(name, NonFinite)
+    return name
+
+
+def test_nonfinite_gradient_skips_image_and_records_why(synthetic_cityscapes_names, weights, tmp_path):
+    cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path)
+    wrapper = AdversarialInference(_model(cfg), attack=IFGSM(2.0), objective=_nonfinite_objective())
+    evaluator = MultiVariantEvaluator({"none": PanopticSubsetEvaluator(cfg.DATASETS.TEST[0])})
+    results = inference_on_dataset(wrapper, _loader(cfg), evaluator)
+    assert len(results["failures"]) == 2
+    assert all("non-finite gradient" in f["reason"] for f in results["failures"])
+    assert results["none"]["panoptic_seg"] == {}
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _scores(cells):
+    keys = ("attack", "eps", "defense", "PQ", "SQ", "RQ", "PQ_th", "PQ_st", "num_images", "num_failed")
+    return [{k: c[k] for k in keys} for c in cells]
+
+
+def test_sweep_outputs_resume_and_invalidation(synthetic_cityscapes_names, weights, tmp_path):
+    cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path / "a")
+    model = _model(cfg)
+    first = run_robustness_sweep(cfg, model)
+    out = cfg.OUTPUT_DIR
+    for name in ("robustness.json", "robustness.csv", "robustness.md", "pq_vs_eps.png", "time_vs_eps.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    cells = _read(os.path.join(out, "robustness.json"))["cells"]
+    assert len(cells) == (1 + 2 * 2) * 2  # (clean + attacks x eps) x defenses
+    assert {(c["attack"], c["eps"], c["defense"]) for c in cells} >= {
+        ("clean", 0.0, "none"), ("clean", 0.0, "nlmeans"), ("ifgsm", 4.0, "nlmeans")
+    }
+    ifgsm4 = next(c for c in cells if c["attack"] == "ifgsm" and c["eps"] == 4.0)
+    assert ifgsm4["num_steps"] == 5 and ifgsm4["step_size"] == 1.0 and ifgsm4["num_images"] == 2
+    assert len(glob.glob(os.path.join(out, "examples", "*.png"))) == 2 * 2 * cfg.ROBUSTNESS.NUM_EXAMPLES
+
+    # Interrupt: forget one finished pass and one image of another, then run again.
+    cache = glob.glob(os.path.join(out, "robustness_cache", "*"))
+    assert len(cache) == 1
+    passes = sorted(glob.glob(os.path.join(cache[0], "*")))
+    os.remove(os.path.join(passes[-1], "cells.json"))
+    os.remove(os.path.join(passes[1], "cells.json"))
+    os.remove(sorted(glob.glob(os.path.join(passes[1], "*.pt")))[0])
+    kept = sorted(glob.glob(os.path.join(passes[-1], "*.pt")))
+    mtimes = [os.path.getmtime(p) for p in kept]
+    second = run_robustness_sweep(cfg, model)
+    assert _scores(second["cells"]) == _scores(first["cells"])
+    assert [os.path.getmtime(p) for p in kept] == mtimes  # finished images were not redone
+
+    # A different checkpoint or model config gets a different cache.
+    other = str(tmp_path / "other.pth")
+    state = torch.load(weights, weights_only=True)
+    state["model"]["sem_seg_head.score.bias"] += 1
+    torch.save(state, other)
+    assert fingerprint(cfg, other) != fingerprint(cfg, weights)
+    cfg2 = cfg.clone()
+    cfg2.defrost()
+    cfg2.MODEL.UPSNET.STUFF_AREA_LIMIT += 1
+    assert fingerprint(cfg2, weights) != fingerprint(cfg, weights)
+
+
+def test_corrupt_image_is_counted_and_sweep_goes_on(synthetic_cityscapes_root, weights, tmp_path):
+    import shutil
+
+    from upsnet_robust.data import register_synthetic_cityscapes_panoptic
+
+    root = tmp_path / "synthetic_cityscapes"
+    shutil.copytree(synthetic_cityscapes_root, root)
+    names = dict(zip(("train", "val"), register_synthetic_cityscapes_panoptic(str(root), name_prefix="pytest_corrupt")))
+    bad = sorted(glob.glob(str(root / "leftImg8bit" / "val" / "*" / "*.png")))[0]
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    cfg = _cfg(names, weights, tmp_path / "out", "ROBUSTNESS.ATTACKS", "['fgsm']", "ROBUSTNESS.EPSILONS", "[2.0]")
+    cells = run_robustness_sweep(cfg, _model(cfg))["cells"]
+    for c in cells:
+        assert c["num_images"] == 1 and c["num_failed"] == 1
+        assert os.path.basename(bad) in c["failures"][0]["reason"]
+    assert os.path.basename(bad) in open(os.path.join(cfg.OUTPUT_DIR, "robustness.md")).read()
+
+
+def test_bad_attack_inputs():
+    cfg = tiny_cfg()
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            build_attack(cfg, "ifgsm", eps)
+    with pytest.raises(KeyError, match="ifgsm"):
+        build_attack(cfg, "not_an_attack", 1.0)
+
+
+def _attack_net(args, env, cwd):
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "attack_net.py")] + args
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_one_vs_two_processes_equal(synthetic_cityscapes_root, weights, tmp_path):
+    """gloo on CPU through detectron2's launch: identical cells and per-image outputs."""
+    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_cityscapes_root), OMP_NUM_THREADS="1")
+    common = [
+        "--config-file", os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny_robustness.yaml"),
+    ]
+    opts = ["MODEL.WEIGHTS", weights, *SWEEP_OPTS, "ROBUSTNESS.ATTACKS", "['ifgsm']",
+            "ROBUSTNESS.EPSILONS", "[2.0]", "ROBUSTNESS.NUM_EXAMPLES", "0"]
+    outs = []
+    for n in (1, 2):
+        out = str(tmp_path / f"n{n}")
+        _attack_net(common + ["--num-gpus", str(n), "--dist-url", "auto"] + opts + ["OUTPUT_DIR", out], env, tmp_path)
+        outs.append(out)
+    cells = [_read(os.path.join(o, "robustness.json"))["cells"] for o in outs]
+    assert _scores(cells[0]) == _scores(cells[1])
+    files = [sorted(glob.glob(os.path.join(o, "robustness_cache", "*", "*", "*.pt"))) for o in outs]
+    assert len(files[0]) == len(files[1]) == 2 * 2  # 2 passes x 2 images
+    for a, b in zip(*files):
+        ea, eb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+        for d in ("none", "nlmeans"):
+            assert torch.equal(ea["outputs"][d]["panoptic_seg"][0], eb["outputs"][d]["panoptic_seg"][0])
+            assert ea["outputs"][d]["panoptic_seg"][1] == eb["outputs"][d]["panoptic_seg"][1]
