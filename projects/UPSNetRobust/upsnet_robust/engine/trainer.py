@@ -14,7 +14,6 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import (
     COCOPanopticEvaluator,
     DatasetEvaluators,
-    SemSegEvaluator,
     inference_on_dataset,
     print_csv_format,
 )
@@ -22,7 +21,7 @@ from detectron2.utils import comm
 
 from ..attacks import build_attack
 from ..data import build_panoptic_mapper
-from ..evaluation import AdversarialInference
+from ..evaluation import AdversarialInference, PanopticSemSegEvaluator
 from ..modeling import UPSNetCheckpointer
 
 __all__ = ["Trainer", "build_checkpointer"]
@@ -83,7 +82,9 @@ class Trainer(DefaultTrainer):
             )
         evaluators = [COCOPanopticEvaluator(dataset_name, output_folder)]
         if cfg.TEST.SEM_SEG_EVAL:
-            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+            evaluators.append(
+                PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+            )
         return DatasetEvaluators(evaluators)
 
     @classmethod

@@ -1,7 +1,7 @@
 # Copyright (c) UPSNetRobust authors.
 """Adversarial evaluation: the attack hook, sweep, evaluators and report."""
 from .adversarial_inference import FAILED_KEY, AdversarialInference
-from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
+from .evaluators import MultiVariantEvaluator, PanopticSemSegEvaluator, PanopticSubsetEvaluator
 from .robust_mapper import RobustMapper
 from .run import hardware_description, run_robustness_sweep
 from .sweep import RobustnessSweep, fingerprint, sweep_passes
@@ -10,6 +10,7 @@ __all__ = [
     "AdversarialInference",
     "FAILED_KEY",
     "MultiVariantEvaluator",
+    "PanopticSemSegEvaluator",
     "PanopticSubsetEvaluator",
     "RobustMapper",
     "RobustnessSweep",

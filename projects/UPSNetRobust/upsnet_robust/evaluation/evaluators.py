@@ -10,12 +10,13 @@ import tempfile
 from collections import OrderedDict
 from typing import Dict
 
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluator
+from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluator, SemSegEvaluator
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from .adversarial_inference import FAILED_KEY
 
-__all__ = ["MultiVariantEvaluator", "PanopticSubsetEvaluator"]
+__all__ = ["MultiVariantEvaluator", "PanopticSubsetEvaluator", "PanopticSemSegEvaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,22 @@ class PanopticSubsetEvaluator(COCOPanopticEvaluator):
                 return super().evaluate()
             finally:
                 self._metadata = original
+
+
+class PanopticSemSegEvaluator(SemSegEvaluator):
+    """detectron2's SemSegEvaluator (mIoU) on a panoptic data set.
+
+    Panoptic metadata maps only stuff ids in ``stuff_dataset_id_to_contiguous_id``; the semantic
+    map also holds things, so their ids are added to the evaluator's reverse mapping (used when
+    it encodes predictions as JSON)."""
+
+    def __init__(self, dataset_name, *args, **kwargs):
+        super().__init__(dataset_name, *args, **kwargs)
+        meta = MetadataCatalog.get(dataset_name)
+        things = meta.get("thing_dataset_id_to_contiguous_id", {})
+        mapping = dict(self._contiguous_id_to_dataset_id or {})
+        mapping.update({v: k for k, v in things.items()})
+        self._contiguous_id_to_dataset_id = mapping
 
 
 class MultiVariantEvaluator(DatasetEvaluator):
