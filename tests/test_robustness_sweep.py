@@ -231,8 +231,25 @@ def _attack_net(args, env, cwd):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_one_vs_two_processes_equal(synthetic_cityscapes_root, weights, tmp_path):
-    """gloo on CPU through detectron2's launch: identical cells and per-image outputs."""
+def _kill_after_first_pass(cmd, env, cwd, out):
+    """Start attack_net and SIGKILL it as soon as its first pass is stored."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if glob.glob(os.path.join(out, "robustness_cache", "*", "*", "cells.json")):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    return proc.returncode
+
+
+def test_one_vs_two_processes_equal_and_resume_after_kill(synthetic_cityscapes_root, weights, tmp_path):
+    """gloo on CPU through detectron2's launch: identical cells and per-image outputs; a run
+    killed mid-sweep and started again ends with the uninterrupted run's results."""
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_cityscapes_root), OMP_NUM_THREADS="1")
     common = [
         "--config-file", os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny_robustness.yaml"),
@@ -246,6 +263,13 @@ def test_one_vs_two_processes_equal(synthetic_cityscapes_root, weights, tmp_path
         outs.append(out)
     cells = [_read(os.path.join(o, "robustness.json"))["cells"] for o in outs]
     assert _scores(cells[0]) == _scores(cells[1])
+
+    killed = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "attack_net.py")] + common + opts + ["OUTPUT_DIR", killed]
+    assert _kill_after_first_pass(cmd, env, tmp_path, killed) != 0, "the run ended before it was killed"
+    assert not os.path.exists(os.path.join(killed, "robustness.json"))
+    _attack_net(common + opts + ["OUTPUT_DIR", killed], env, tmp_path)
+    assert _scores(_read(os.path.join(killed, "robustness.json"))["cells"]) == _scores(cells[0])
     files = [sorted(glob.glob(os.path.join(o, "robustness_cache", "*", "*", "*.pt"))) for o in outs]
     assert len(files[0]) == len(files[1]) == 2 * 2  # 2 passes x 2 images
     for a, b in zip(*files):

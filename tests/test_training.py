@@ -1,0 +1,130 @@
+# Copyright (c) UPSNetRobust authors.
+"""A few training iterations through the Trainer and train_net.py, 1 and 2 processes, and safe
+checkpoint loading."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_cfg
+from detectron2.modeling import build_model
+
+from upsnet_robust.engine import Trainer, build_checkpointer
+
+TRAIN_OPTS = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "DATALOADER.NUM_WORKERS", "0",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+]
+
+
+def test_trainer_runs_iterations_and_checkpoint_loads_safely(synthetic_cityscapes_names, tmp_path):
+    cfg = tiny_cfg(
+        "DATASETS.TRAIN", f"('{synthetic_cityscapes_names['train']}',)",
+        "DATASETS.TEST", f"('{synthetic_cityscapes_names['val']}',)",
+        "OUTPUT_DIR", str(tmp_path),
+        *TRAIN_OPTS,
+    )
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
+    final = tmp_path / "model_final.pth"
+    assert final.exists()
+    # The trainer's own checkpoint (model, optimizer, scheduler, iteration) loads weights-only.
+    model = build_model(cfg)
+    extra = build_checkpointer(cfg, model).resume_or_load(str(final), resume=False)
+    assert extra.get("iteration") == 2
+    assert all(torch.equal(model.state_dict()[k], after[k]) for k in after)
+    # Evaluation after training: PQ keys from COCOPanopticEvaluator and mIoU.
+    res = Trainer.test(cfg, model)
+    assert {"PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(res["panoptic_seg"]) and "mIoU" in res["sem_seg"]
+
+
+class _Payload:
+    """Stands for arbitrary pickled code in a malicious checkpoint."""
+
+
+def test_checkpointer_refuses_unsafe_files_unless_opted_in(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    pkl = tmp_path / "weights.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {}, "__author__": "x"}, f)
+    with pytest.raises(ValueError, match="UNSAFE_LOAD_CHECKPOINT"):
+        build_checkpointer(cfg, model).load(str(pkl))
+    pth = tmp_path / "weights.pth"
+    torch.save({"model": model.state_dict(), "payload": _Payload()}, pth)
+    with pytest.raises(ValueError, match="weights_only"):
+        build_checkpointer(cfg, model).load(str(pth))
+    unsafe = tiny_cfg("MODEL.UNSAFE_LOAD_CHECKPOINT", "True")
+    build_checkpointer(unsafe, model).load(str(pth))  # the user's explicit opt-in
+
+
+def test_train_net_two_processes_on_cpu(synthetic_cityscapes_root, tmp_path):
+    """detectron2's launch with gloo; the trainer must build DDP without device_ids on CPU."""
+    env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_cityscapes_root), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, os.path.join(REPO_ROOT, "tools", "train_net.py"),
+        "--config-file", os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny.yaml"),
+        "--num-gpus", "2", "--dist-url", "auto",
+        "OUTPUT_DIR", str(tmp_path), "TEST.EVAL_PERIOD", "0", *TRAIN_OPTS,
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "model_final.pth").exists()
+    assert "PQ" in proc.stdout + proc.stderr
+
+
+def test_test_with_attack_scores_each_attack_and_eps(synthetic_cityscapes_names, tmp_path):
+    cfg = tiny_cfg(
+        "DATASETS.TRAIN", f"('{synthetic_cityscapes_names['train']}',)",
+        "DATASETS.TEST", f"('{synthetic_cityscapes_names['val']}',)",
+        "OUTPUT_DIR", str(tmp_path),
+        "ROBUSTNESS.ATTACKS", "['fgsm']",
+        "ROBUSTNESS.EPSILONS", "[2.0, 8.0]",
+        *TRAIN_OPTS,
+    )
+    model = build_model(cfg).eval()
+    res = Trainer.test_with_attack(cfg, model)
+    assert {"panoptic_seg_fgsm_eps2", "panoptic_seg_fgsm_eps8", "sem_seg_fgsm_eps2"} <= set(res)
+    assert "PQ" in res["panoptic_seg_fgsm_eps8"]
+
+
+def test_defense_transform_in_the_dataset_mapper(synthetic_cityscapes_names):
+    """Stored / transferred adversarial images: the defense runs as a mapper augmentation."""
+    import cv2
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import transforms as T
+
+    from upsnet_robust.data import UPSNetPanopticDatasetMapper, build_panoptic_mapper
+    from upsnet_robust.defenses import build_defense
+
+    cfg = tiny_cfg("DATASETS.TRAIN", f"('{synthetic_cityscapes_names['train']}',)", *TRAIN_OPTS)
+    plain = build_panoptic_mapper(cfg, is_train=False)
+    defended = UPSNetPanopticDatasetMapper(
+        is_train=False,
+        augmentations=[T.ResizeShortestEdge(64, 128), build_defense("nlmeans")],
+        image_format="BGR",
+        thing_ids=plain.thing_ids,
+    )
+    d = DatasetCatalog.get(synthetic_cityscapes_names["val"])[0]
+    a, b = plain(dict(d)), defended(dict(d))
+    img = np.ascontiguousarray(a["image"].permute(1, 2, 0).numpy())
+    expected = cv2.fastNlMeansDenoisingColored(img, None, 10, 10, 7, 21)
+    assert np.array_equal(b["image"].permute(1, 2, 0).numpy(), expected)
+    assert torch.equal(a["sem_seg"], b["sem_seg"])
+    assert torch.equal(a["instances"].gt_masks.tensor, b["instances"].gt_masks.tensor)
