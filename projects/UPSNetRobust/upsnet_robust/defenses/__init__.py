@@ -28,6 +28,7 @@ from .registry import (
     registered_defense_names,
 )
 from .tensor import apply_defense_to_tensor
+from .torch_nlmeans import nlmeans_torch
 
 # Imported for its registration side effect (and the classes).
 from .transforms import (  # isort:skip
@@ -43,6 +44,7 @@ from .transforms import (  # isort:skip
 from .tvm import image_seed, sample_tvm_mask, tv_energy, tv_reconstruct, tvm_defense
 
 __all__ = [
+    "nlmeans_torch",
     "DEFENSE_REGISTRY",
     "register_defense",
     "registered_defense_names",

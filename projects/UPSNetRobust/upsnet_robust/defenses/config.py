@@ -26,6 +26,7 @@ def add_defense_config(cfg):
         D.NLMEANS.H_COLOR = 10.0
         D.NLMEANS.TEMPLATE_WINDOW = 7
         D.NLMEANS.SEARCH_WINDOW = 21
+        D.NLMEANS.BACKEND = "opencv"  # or "torch": the bit-exact, differentiable torch port
 
     if "JPEG" not in D:
         D.JPEG = CN()

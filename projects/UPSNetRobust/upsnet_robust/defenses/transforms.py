@@ -12,9 +12,11 @@ not invertible, and there is no geometry to undo.
 """
 
 import numpy as np
+import torch
 from fvcore.transforms.transform import NoOpTransform, Transform
 
 from . import functional as F
+from .torch_nlmeans import nlmeans_torch
 from .registry import register_defense
 from .tvm import image_seed, sample_tvm_mask, tv_reconstruct
 
@@ -55,25 +57,42 @@ class DefenseTransform(Transform):
 @register_defense("nlmeans")
 class NLMeansTransform(DefenseTransform):
     """OpenCV colored NL-means (:func:`.functional.nlmeans_denoise`); defaults are the
-    reference study's ``(h, hColor, template, search) = (10, 10, 7, 21)``."""
+    reference study's ``(h, hColor, template, search) = (10, 10, 7, 21)``.
 
-    def __init__(self, h=10.0, h_color=10.0, template_window=7, search_window=21):
+    ``backend="torch"`` runs :func:`.torch_nlmeans.nlmeans_torch`, a batched torch port whose
+    output is identical to OpenCV's (tested bit for bit) and which is differentiable."""
+
+    def __init__(self, h=10.0, h_color=10.0, template_window=7, search_window=21, backend="opencv"):
         """
         Args:
             h (float): luminance filter strength.
             h_color (float): color filter strength.
             template_window (int): patch size (odd).
             search_window (int): search area size (odd).
+            backend (str): "opencv" (cv2.fastNlMeansDenoisingColored) or "torch".
         """
         super().__init__()
         if h < 0 or h_color < 0:
             raise ValueError(f"NL-means strengths must be >= 0, got h={h}, h_color={h_color}.")
+        if backend not in ("opencv", "torch"):
+            raise ValueError(f"Unknown NL-means backend '{backend}'; use 'opencv' or 'torch'.")
         self._set_attributes(locals())
 
     def apply_image(self, img: np.ndarray) -> np.ndarray:
+        if self.backend == "torch":
+            return _nlmeans_with_torch(img, self.h, self.h_color, self.template_window, self.search_window)
         return F.nlmeans_denoise(
             img, self.h, self.h_color, self.template_window, self.search_window
         )
+
+
+def _nlmeans_with_torch(img: np.ndarray, h, h_color, template_window, search_window) -> np.ndarray:
+    """The torch port on one HWC BGR image, with OpenCV's dtype rules (uint8 in and out)."""
+    img = F.check_image(img, channels=(3,))
+    x = torch.from_numpy(np.ascontiguousarray(F.to_uint8(img))).permute(2, 0, 1)
+    with torch.no_grad():
+        out = nlmeans_torch(x, h, h_color, template_window, search_window, input_format="BGR")
+    return out.permute(1, 2, 0).numpy().astype(img.dtype, copy=False)
 
 
 @register_defense("jpeg")
