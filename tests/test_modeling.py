@@ -93,6 +93,11 @@ def test_inference_output_format_and_resize():
     for s in segments:
         assert s["isthing"] == (s["category_id"] >= 11)
         assert s["area"] == int((ids == s["id"]).sum())
+    # The panoptic-only path (sweeps) gives the same panoptic result without the extra work.
+    with torch.no_grad():
+        only = model.inference([x], panoptic_only=True)[0]
+    assert set(only) == {"panoptic_seg"} and torch.equal(only["panoptic_seg"][0], ids)
+    assert only["panoptic_seg"][1] == segments
     # detectron2's Visualizer draws it with the Cityscapes metadata unchanged.
     meta = MetadataCatalog.get("cityscapes_fine_panoptic_val")
     img = torch.zeros(96, 192, 3, dtype=torch.uint8).numpy()

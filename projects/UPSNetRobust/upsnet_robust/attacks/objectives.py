@@ -241,7 +241,7 @@ class PanopticObjective(_Objective):
 
     def single(self, image, i):
         with _eval_mode(self.model):
-            raw = self.model.predict([self._input(image, i)])[0]
+            raw = self.model.predict([self._input(image, i)], with_detector_masks=False)[0]
         logits = raw["panoptic_logits"]
         target = self._target(raw, self.inputs[i])
         return F.cross_entropy(logits[None], target[None], ignore_index=255)

@@ -1,10 +1,12 @@
 # Copyright (c) UPSNetRobust authors.
 """Evaluators for robustness sweeps: one pass scored under several defenses, and PQ over
 exactly the images that were scored (subsets, skipped images)."""
+import contextlib
 import copy
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections import OrderedDict
@@ -19,6 +21,22 @@ from .adversarial_inference import FAILED_KEY
 __all__ = ["MultiVariantEvaluator", "PanopticSubsetEvaluator", "PanopticSemSegEvaluator"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _fork_workers():
+    """panopticapi's pq_compute starts a process pool. Under detectron2's launch the ranks use
+    "spawn", so each pool worker would re-import torch and detectron2 (seconds per evaluation);
+    its workers only run numpy/PIL, so fork them."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    if previous in (None, "fork") or "fork" not in multiprocessing.get_all_start_methods():
+        yield
+        return
+    multiprocessing.set_start_method("fork", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
 
 
 class _MetadataOverride:
@@ -62,7 +80,8 @@ class PanopticSubsetEvaluator(COCOPanopticEvaluator):
             original = self._metadata
             self._metadata = _MetadataOverride(original, panoptic_json=subset_json)
             try:
-                return super().evaluate()
+                with _fork_workers():
+                    return super().evaluate()
             finally:
                 self._metadata = original
 

@@ -201,9 +201,14 @@ class UPSNet(GeneralizedRCNN):
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------ inference
-    def predict(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[Dict]:
+    def predict(
+        self, batched_inputs: List[Dict[str, torch.Tensor]], with_detector_masks: bool = True
+    ) -> List[Dict]:
         """Differentiable raw predictions, before post-processing (used by inference and by
         inference-path attack objectives).
+
+        ``with_detector_masks=False`` skips the mask head on the standard detections (the
+        panoptic result does not use them): attacks and panoptic-only scoring save that work.
 
         Returns:
             per image a dict with ``sem_logits`` ((C, h, w) at input resolution, cropped to the
@@ -216,7 +221,8 @@ class UPSNet(GeneralizedRCNN):
         sem_full = self.sem_seg_head.upsample(self.sem_seg_head.layers(features))
         proposals, _ = self.proposal_generator(images, features, None)
         detections, candidates = self._detect(features, proposals, images.image_sizes)
-        detections = self.roi_heads.forward_with_given_boxes(features, detections)
+        if with_detector_masks:
+            detections = self.roi_heads.forward_with_given_boxes(features, detections)
 
         cand_boxes = [Boxes(c[0]) for c in candidates]
         cand_classes = torch.cat([c[2] for c in candidates])
@@ -270,8 +276,17 @@ class UPSNet(GeneralizedRCNN):
         ]
         return detections, candidates
 
-    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess: bool = True):
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+        do_postprocess: bool = True,
+        panoptic_only: bool = False,
+    ):
         """
+        Args:
+            panoptic_only (bool): return only ``panoptic_seg`` (skips the detector's masks and
+                the semantic resize); what a PQ-only sweep needs.
+
         Returns:
             per image a dict with detectron2's standard keys: ``sem_seg`` ((C, H, W) logits),
             ``instances`` (detector output) and ``panoptic_seg`` = (ids (H, W) int32, 0 = void,
@@ -281,12 +296,12 @@ class UPSNet(GeneralizedRCNN):
             raw outputs.
         """
         assert not self.training
-        raw = self.predict(batched_inputs)
+        raw = self.predict(batched_inputs, with_detector_masks=not panoptic_only)
         if not do_postprocess:
             return raw
-        return [self.postprocess(r, x) for r, x in zip(raw, batched_inputs)]
+        return [self.postprocess(r, x, panoptic_only) for r, x in zip(raw, batched_inputs)]
 
-    def postprocess(self, raw: Dict, batched_input: Dict) -> Dict:
+    def postprocess(self, raw: Dict, batched_input: Dict, panoptic_only: bool = False) -> Dict:
         """Resize one image's raw prediction to its original size and build the panoptic result."""
         h, w = raw["image_size"]
         height = batched_input.get("height", h)
@@ -306,6 +321,8 @@ class UPSNet(GeneralizedRCNN):
             self.stuff_area_limit,
             self.stuff_relabel_fraction,
         )
+        if panoptic_only:
+            return {"panoptic_seg": (ids, segments)}
         return {
             "sem_seg": sem_seg,
             "instances": detector_postprocess(raw["detections"], height, width),

@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+# Copyright (c) UPSNetRobust authors.
+"""Work done by a small full robustness sweep versus the protocol's minimum.
+
+Runs :class:`RobustnessSweep` (clean + fgsm and ifgsm at two eps, defenses none + nlmeans, two
+images, fresh output directory) on an untrained tiny UPSNet and counts, from OUTSIDE the
+package:
+
+* training-loss forwards (``model.forward`` called in training mode) and input backwards (a
+  gradient hook on every input image that requires grad);
+* inference forwards (``model.forward`` in eval mode) and ``model.predict`` calls;
+* defense calls (``apply_image`` of each defense transform, through a counting proxy);
+* the attacks' own counters (``num_forward_backward``, ``num_forward``).
+
+The minimum (:func:`benchutils.protocol_minimum`): per image, clean inference once per defense
+variant; per attack pass T forward + backward (T = 1 for FGSM, Kurakin's ceil rule for I-FGSM)
+plus one inference per variant; one defense call per image per defended variant per pass.
+A second ``run()`` on the same directory (resume) must do no work at all.
+
+    python benchmarks/bench_sweep_economy.py [--quick] [--device cuda]
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchutils as bu  # noqa: E402
+
+NAME = "sweep_economy"
+COUNTED = ("forward_backward", "input_backward", "forward_only", "inference", "predict")
+
+
+def get_parser():
+    """The command-line options (the common ones from :func:`benchutils.base_parser`)."""
+    parser = bu.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2, help="images in the sweep")
+    parser.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=None,
+        help="eps values (default 1 4; 1 2 with --quick)",
+    )
+    parser.add_argument("--attacks", nargs="+", default=["fgsm", "ifgsm"], help="attacks")
+    parser.add_argument(
+        "--defenses", nargs="+", default=["none", "nlmeans"], help="defense variants"
+    )
+    return parser
+
+
+class CountingTransform:
+    """Proxy of a defense transform that counts ``apply_image`` calls (everything else is
+    delegated)."""
+
+    def __init__(self, transform, counter: Counter, key: str):
+        self._transform = transform
+        self._counter = counter
+        self._key = key
+
+    def apply_image(self, img):
+        self._counter[self._key] += 1
+        start = time.perf_counter()
+        try:
+            return self._transform.apply_image(img)
+        finally:
+            self._counter["seconds:defense"] += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self._transform, name)
+
+
+def instrument_model(model, counter: Counter) -> None:
+    """Count model calls by mode, and input-gradient backwards, via instance attributes."""
+    forward, predict = model.forward, model.predict
+
+    def counted_forward(batched_inputs, *args, **kwargs):
+        if model.training:
+            counter["forward_train"] += len(batched_inputs)
+            for x in batched_inputs:
+                image = x.get("image")
+                if image is not None and image.requires_grad:
+                    image.register_hook(_count_backward(counter))
+            return forward(batched_inputs, *args, **kwargs)
+        counter["inference"] += len(batched_inputs)
+        start = time.perf_counter()
+        try:
+            return forward(batched_inputs, *args, **kwargs)
+        finally:
+            counter["seconds:inference"] += time.perf_counter() - start
+
+    def counted_predict(batched_inputs, *args, **kwargs):
+        counter["predict"] += len(batched_inputs)
+        return predict(batched_inputs, *args, **kwargs)
+
+    model.forward = counted_forward
+    model.predict = counted_predict
+
+
+def _count_backward(counter):
+    """A tensor hook counting one backward pass to an input image."""
+
+    def hook(grad):
+        counter["input_backward"] += 1
+        return grad
+
+    return hook
+
+
+def compare(measured: dict, minimum: dict) -> dict:
+    """Per count: measured, minimum and whether they are equal.
+
+    Args:
+        measured (dict): ``forward_backward``, ``input_backward``, ``forward_only``,
+            ``inference`` and ``defense_calls`` {name: n} (other keys are ignored).
+        minimum (dict): the same keys from :func:`benchutils.protocol_minimum` (its
+            ``input_backward`` is its ``forward_backward``).
+
+    Returns:
+        dict: key -> {"measured", "minimum", "equal"}, plus "equal" overall.
+    """
+    want = {
+        "forward_backward": minimum["forward_backward"],
+        "input_backward": minimum["forward_backward"],
+        "forward_only": minimum["forward_only"],
+        "inference": minimum["inference"],
+    }
+    for d, n in minimum["defense_calls"].items():
+        want[f"defense:{d}"] = n
+    got = {
+        k: measured.get(k, 0)
+        for k in ("forward_backward", "input_backward", "forward_only", "inference")
+    }
+    for d in minimum["defense_calls"]:
+        got[f"defense:{d}"] = measured.get("defense_calls", {}).get(d, 0)
+    extra = sorted(set(measured.get("defense_calls", {})) - set(minimum["defense_calls"]))
+    for d in extra:
+        want[f"defense:{d}"] = 0
+        got[f"defense:{d}"] = measured["defense_calls"][d]
+    out = {k: {"measured": got[k], "minimum": want[k], "equal": got[k] == want[k]} for k in want}
+    out["equal"] = all(v["equal"] for v in out.values())
+    return out
+
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    bu.apply_threads(args.threads)
+    from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
+
+    eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
+    out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
+    opts = [
+        "MODEL.WEIGHTS",
+        "",
+        "ROBUSTNESS.ATTACKS",
+        str(list(args.attacks)),
+        "ROBUSTNESS.EPSILONS",
+        str([float(e) for e in eps]),
+        "ROBUSTNESS.DEFENSES",
+        str(list(args.defenses)),
+        "ROBUSTNESS.MAX_IMAGES",
+        str(args.images),
+        "ROBUSTNESS.NUM_EXAMPLES",
+        "0",
+        "ROBUSTNESS.SEED",
+        str(args.seed),
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        out_dir,
+    ]
+    cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
+    model = bu.build_model_for_bench(cfg, None, seed=args.seed)
+    counter = Counter()
+    instrument_model(model, counter)
+    sweep = RobustnessSweep(cfg, model, weights=f"untrained-seed{args.seed}", output_dir=out_dir)
+    for name, transform in list(sweep.defenses.items()):
+        if transform is not None:
+            sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
+
+    attacks = []
+    build = sweep._attack  # wrapped from outside to read each attack's own counters
+
+    def recording_attack(spec):
+        attack = build(spec)
+        if attack is not None:
+            perturb = attack.perturb
+
+            def timed_perturb(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return perturb(*a, **k)
+                finally:
+                    counter["seconds:attack"] += time.perf_counter() - start
+
+            attack.perturb = timed_perturb
+        attacks.append(attack)
+        return attack
+
+    sweep._attack = recording_attack
+
+    per_pass = []
+    run_pass = sweep._run_pass
+
+    def counted_run_pass(spec, attack, pass_dir):
+        before = Counter(counter)
+        start = time.perf_counter()
+        cells = run_pass(spec, attack, pass_dir)
+        delta = Counter(counter)
+        delta.subtract(before)
+        desc = attack.describe() if attack is not None else {}
+        per_pass.append(
+            {
+                "attack": spec["attack"],
+                "eps": spec["eps"],
+                "T": int(desc.get("num_steps", 0) or 0),
+                "forward_backward": delta["forward_train"],
+                "input_backward": delta["input_backward"],
+                "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
+                "forward_only": getattr(attack, "num_forward", 0),
+                "inference": delta["inference"],
+                "predict": delta["predict"],
+                "defense_calls": {
+                    k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("defense:")
+                },
+                "seconds": time.perf_counter() - start,
+                "seconds_attack": delta["seconds:attack"],
+                "seconds_defense": delta["seconds:defense"],
+                "seconds_inference": delta["seconds:inference"],
+            }
+        )
+        p = per_pass[-1]
+        p["seconds_other"] = (
+            p["seconds"] - p["seconds_attack"] - p["seconds_defense"] - p["seconds_inference"]
+        )
+        return cells
+
+    sweep._run_pass = counted_run_pass
+    start = time.perf_counter()
+    sweep.run()
+    first_run_s = time.perf_counter() - start
+    total_first = Counter(counter)
+
+    # resume: the same sweep again must load everything and compute nothing
+    before = Counter(counter)
+    start = time.perf_counter()
+    sweep.run()
+    resume_s = time.perf_counter() - start
+    resume = Counter(counter)
+    resume.subtract(before)
+    resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
+
+    passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
+    minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
+    measured_total = {
+        "forward_backward": total_first["forward_train"],
+        "input_backward": total_first["input_backward"],
+        "forward_only": sum(p["forward_only"] for p in per_pass),
+        "inference": total_first["inference"],
+        "predict": total_first["predict"],
+        "attack_counter_forward_backward": sum(
+            p["attack_counter_forward_backward"] for p in per_pass
+        ),
+        "defense_calls": {
+            k.split(":", 1)[1]: v for k, v in total_first.items() if k.startswith("defense:")
+        },
+    }
+    verdict = compare(measured_total, minimum["total"])
+    pass_verdicts = []
+    for got, want in zip(per_pass, minimum["passes"]):
+        v = compare(got, want)
+        v["T_measured"], v["T_protocol"] = got["T"], want["T"]
+        v["equal"] = (
+            v["equal"]
+            and got["T"] == want["T"]
+            and got["attack_counter_forward_backward"] == want["forward_backward"]
+        )
+        pass_verdicts.append(v)
+    equal = verdict["equal"] and all(v["equal"] for v in pass_verdicts) and not resume_work
+    equal = equal and len(per_pass) == len(minimum["passes"])
+
+    want = minimum["total"]
+    sample = bu.val_inputs(cfg, 1)[0]["image"]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    hw = bu.hardware_info(device)
+    return {
+        "hardware": hw,
+        "device": device,
+        "image_size": [int(sample.shape[-2]), int(sample.shape[-1])],
+        "batch_size": 1,
+        "quick": bool(args.quick),
+        "sweep": {
+            "images": args.images,
+            "attacks": list(args.attacks),
+            "eps": eps,
+            "defenses": sweep.defense_names,
+            "objective": cfg.ROBUSTNESS.OBJECTIVE,
+            "output_dir": f"{out_dir} (temporary, removed)",
+        },
+        "equal_to_minimum": bool(equal),
+        "total": verdict,
+        "measured_total": measured_total,
+        "minimum_total": minimum["total"],
+        "per_pass": per_pass,
+        "per_pass_minimum": minimum["passes"],
+        "per_pass_verdict": pass_verdicts,
+        "resume_work": resume_work,
+        "first_run_s": first_run_s,
+        "seconds_breakdown": {
+            k: sum(p[f"seconds_{k}"] for p in per_pass)
+            for k in ("attack", "defense", "inference", "other")
+        },
+        "resume_s": resume_s,
+        "headline": [
+            bu.headline(
+                "sweep work == protocol minimum",
+                bool(equal),
+                "",
+                f"fwd+bwd {measured_total['forward_backward']}/{want['forward_backward']}, "
+                f"inference {measured_total['inference']}/{want['inference']}, defense calls "
+                f"{sum(measured_total['defense_calls'].values())}/{sum(want['defense_calls'].values())}",
+            ),
+            bu.headline(
+                "resume recomputes",
+                sum(resume_work.values()),
+                "calls",
+                "second run() on the same OUTPUT_DIR",
+            ),
+        ],
+    }
+
+
+def print_report(result: dict) -> None:
+    """Print the hardware line and a short Markdown table of ``result``."""
+    print(f"Hardware: {bu.hardware_line(result['hardware'])}")
+    s = result["sweep"]
+    h, w = result["image_size"]
+    print(
+        f"Sweep: {s['images']} images {h}x{w}, batch 1, attacks {s['attacks']} at eps {s['eps']}, "
+        f"defenses {s['defenses']}, objective {s['objective']}"
+    )
+    rows = []
+    for got, want, v in zip(
+        result["per_pass"], result["per_pass_minimum"], result["per_pass_verdict"]
+    ):
+        dm = ", ".join(f"{k} {n}" for k, n in sorted(got["defense_calls"].items())) or "-"
+        dw = ", ".join(f"{k} {n}" for k, n in sorted(want["defense_calls"].items())) or "-"
+        rows.append(
+            [
+                f"{got['attack']} eps {got['eps']:g}",
+                f"{got['T']}/{want['T']}",
+                f"{got['forward_backward']}/{want['forward_backward']}",
+                f"{got['input_backward']}/{want['forward_backward']}",
+                f"{got['attack_counter_forward_backward']}/{want['forward_backward']}",
+                f"{got['forward_only']}/{want['forward_only']}",
+                f"{got['inference']}/{want['inference']}",
+                f"{dm} / {dw}",
+                v["equal"],
+                got["seconds"],
+            ]
+        )
+    t, m = result["measured_total"], result["minimum_total"]
+    rows.append(
+        [
+            "TOTAL",
+            "",
+            f"{t['forward_backward']}/{m['forward_backward']}",
+            f"{t['input_backward']}/{m['forward_backward']}",
+            f"{t['attack_counter_forward_backward']}/{m['forward_backward']}",
+            f"{t['forward_only']}/{m['forward_only']}",
+            f"{t['inference']}/{m['inference']}",
+            ", ".join(f"{k} {n}" for k, n in sorted(t["defense_calls"].items()))
+            + " / "
+            + ", ".join(f"{k} {n}" for k, n in sorted(m["defense_calls"].items())),
+            result["total"]["equal"],
+            result["first_run_s"],
+        ]
+    )
+    print("measured / minimum:")
+    print(
+        bu.format_table(
+            [
+                "pass",
+                "T",
+                "train fwd",
+                "input bwd",
+                "attack counter fb",
+                "fwd only",
+                "inference",
+                "defense calls",
+                "equal",
+                "s",
+            ],
+            rows,
+        )
+    )
+    b = result["seconds_breakdown"]
+    print(
+        "time in passes: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in b.items())
+        + " (other = data loading, caching, PQ evaluation, bookkeeping)"
+    )
+    print(
+        f"resume (second run): work {result['resume_work'] or 'none'} in {result['resume_s']:.2f} s"
+    )
+    print(
+        f"VERDICT: {'EQUAL to' if result['equal_to_minimum'] else 'NOT EQUAL to'} the protocol minimum"
+    )
+
+
+def main(argv=None) -> dict:
+    """Parse ``argv``, run, write ``benchmarks/results/<name>.json`` and print the table."""
+    args = get_parser().parse_args(argv)
+    result = run(args)
+    path = bu.write_result(NAME, result, args.output)
+    print_report(result)
+    print(f"Wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+# Copyright (c) UPSNetRobust authors.
+"""Smoke test of the benchmark suite (benchmarks/): the modules import and their pure helpers
+are right. No benchmark is run and nothing is timed (``make bench`` runs them)."""
+
+import importlib
+import json
+import math
+import os
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
+MODULES = [
+    "benchutils",
+    "bench_attack_overhead",
+    "bench_sweep_economy",
+    "bench_defenses",
+    "bench_pq_eval",
+    "bench_scale",
+    "run_all",
+]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        yield {name: importlib.import_module(name) for name in MODULES}
+    finally:
+        sys.path.remove(BENCH_DIR)
+
+
+def test_modules_import_and_parse_common_flags(bench):
+    for name in MODULES[1:-1]:
+        args = bench[name].get_parser().parse_args(["--device", "cpu", "--quick"])
+        assert args.quick and args.device == "cpu" and args.threads == 0
+    assert bench["run_all"].get_parser().parse_args([]).full is False
+
+
+def test_median_ratio_paired(bench):
+    bu = bench["benchutils"]
+    assert bu.median([3.0, 1.0, 2.0]) == 2.0
+    assert bu.median([4, 1, 2, 3]) == 2.5
+    assert math.isnan(bu.median([]))
+    assert bu.ratio(3.0, 2.0) == 1.5
+    assert math.isnan(bu.ratio(1.0, 0.0))
+    assert bu.paired_ratios([2.0, 3.0], [1.0, 3.0]) == [2.0, 1.0]
+    with pytest.raises(ValueError):
+        bu.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_interleaved_timings_rotates_and_counts(bench):
+    bu = bench["benchutils"]
+    calls = []
+    tasks = {k: (lambda k=k: calls.append(k) or k) for k in "abc"}
+    seen = []
+    t = bu.interleaved_timings(
+        tasks, reps=3, warmup=1, on_result=lambda n, r, v: seen.append((n, r, v))
+    )
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"]  # order rotates
+    assert all(len(t.wall[k]) == 3 and len(t.cpu[k]) == 3 for k in "abc")
+    assert len(seen) == 9 and all(n == v for n, _, v in seen)
+
+
+def test_format_table_and_values(bench):
+    bu = bench["benchutils"]
+    table = bu.format_table(["a", "b"], [[1.23456, True], [None, "x|y"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | yes |", "| - | x\\|y |"]
+    assert bu.format_value(0.000123456) == "0.000123"
+    assert bu.format_value(12345.6) == "12346"
+    with pytest.raises(ValueError):
+        bu.format_table(["a"], [[1, 2]])
+
+
+def test_kurakin_steps_ceil_rule(bench):
+    bu = bench["benchutils"]
+    grid = [0.25, 0.5, 1, 2, 4, 8, 16, 32]
+    assert [bu.kurakin_steps(e) for e in grid] == [1, 1, 2, 3, 5, 10, 20, 36]
+    assert bu.kurakin_steps(0.8) == 1  # 1.25 * 0.8 = 1.0000000000000002 is not 2 steps
+
+
+def test_protocol_minimum(bench):
+    bu = bench["benchutils"]
+    passes = [
+        {"attack": "clean", "eps": 0.0},
+        {"attack": "fgsm", "eps": 1.0},
+        {"attack": "ifgsm", "eps": 4.0},
+        {"attack": "pgd", "eps": 8.0, "num_steps": 7},
+    ]
+    m = bu.protocol_minimum(2, passes, ["none", "nlmeans", "jpeg"])
+    assert [p["T"] for p in m["passes"]] == [0, 1, 5, 7]
+    assert [p["forward_backward"] for p in m["passes"]] == [0, 2, 10, 14]
+    assert m["total"] == {
+        "forward_backward": 26,
+        "forward_only": 0,
+        "inference": 4 * 2 * 3,
+        "defense_calls": {"nlmeans": 8, "jpeg": 8},
+    }
+    with pytest.raises(ValueError):
+        bu.protocol_minimum(1, [{"attack": "pgd", "eps": 8.0}], ["none"])
+
+
+def test_sweep_economy_compare(bench):
+    bu, econ = bench["benchutils"], bench["bench_sweep_economy"]
+    want = bu.protocol_minimum(2, [{"attack": "ifgsm", "eps": 1.0}], ["none", "nlmeans"])["total"]
+    got = {
+        "forward_backward": 4,
+        "input_backward": 4,
+        "forward_only": 0,
+        "inference": 4,
+        "defense_calls": {"nlmeans": 2},
+    }
+    assert econ.compare(got, want)["equal"]
+    got["defense_calls"] = {"nlmeans": 4}
+    v = econ.compare(got, want)
+    assert not v["equal"] and v["defense:nlmeans"] == {"measured": 4, "minimum": 2, "equal": False}
+
+
+def test_parse_log_times_and_thread_env(bench):
+    bu, scale = bench["benchutils"], bench["bench_scale"]
+    lines = [
+        "[11/24 19:59:58 d2]: start",
+        "[11/24 19:59:59 upsnet_robust.sweep]: [1/2] clean_x: running",
+        "[11/24 20:00:30 upsnet_robust]: Report written: a, b",
+        "no timestamp",
+    ]
+    assert bu.parse_log_times(lines, r"\[1/\d+\] .*: running", "Report written") == 31.0
+    assert bu.parse_log_times(lines[:2], "running", "Report written") is None
+    evals = [
+        "[11/24 20:36:01 d2]: Writing all panoptic predictions to /tmp/a",
+        "[11/24 20:36:04 d2]: Panoptic Evaluation Results:",
+        "[11/24 20:36:04 d2]: Writing all panoptic predictions to /tmp/b",
+        "[11/24 20:36:07 d2]: Panoptic Evaluation Results:",
+    ]
+    assert bu.parse_log_spans(evals, "Writing all panoptic", "Evaluation Results") == [3.0, 3.0]
+    assert scale.thread_env(2, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert scale.thread_env(4, cores=2)["OPENCV_FOR_THREADS_NUM"] == "1"
+
+
+def test_write_result_strict_json_and_summary_rows(bench, tmp_path):
+    bu, run_all = bench["benchutils"], bench["run_all"]
+    path = bu.write_result(
+        "x", {"v": float("nan"), "headline": [bu.headline("m", 1.5, "x")]}, str(tmp_path / "x.json")
+    )
+    with open(path) as f:
+        data = json.load(f)
+    assert data["v"] is None and data["benchmark"] == "x"
+    assert run_all.headline_rows("x", data) == [["x", "m", 1.5, "x", ""]]
+    assert run_all.headline_rows("y", {"a": 2.0, "b": "s", "c": True}) == [["y", "a", 2.0, "", ""]]
+    table = run_all.combined_table(
+        {
+            "x": {"rc": 0, "wall_s": 3.0, "result": data},
+            "y": {"rc": 1, "wall_s": 1.0, "result": None, "error": "boom"},
+        }
+    )
+    assert "| x | m | 1.5 | x | [3 s] |" in table and "| y | FAILED |" in table
+    assert run_all.flag_attempts("defenses", "cpu", True, 0) == [["--device", "cpu", "--quick"]]
+    assert run_all.flag_attempts("nlmeans", "cpu", True, 0)[-1] == []
+
+
+def test_hardware_info_states_cpu_and_threads(bench):
+    info = bench["benchutils"].hardware_info("cpu")
+    assert info["cpu_model"] and info["torch_threads"] >= 1 and info["device"] == "cpu"
