@@ -68,6 +68,18 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.DIFF_AMPLIFICATION = 10.0  # |x_adv - x| is multiplied by this in the grids
     # Training: score attacked PQ (each attack x eps, undefended) every this many iterations.
     _C.ROBUSTNESS.TRAIN_EVAL_PERIOD = 0
+    # Adaptive (defense-aware) attacks: for each attack x eps and each defense other than "none",
+    # an extra pass attacks model o defense (BPDA through the real defense, EOT over TVM masks)
+    # and scores the result with that defense; its cells have "adaptive": true.
+    _C.ROBUSTNESS.ADAPTIVE = False
+    # BPDA surrogate (upsnet_robust.defenses.surrogates): "auto" = each defense's default
+    # (identity for NL-means / adaptive NL-means / TVM, straight_through for bitdepth, jpeg for
+    # JPEG, soft_median for median, gaussian (exact) for gaussian); one registered name for every
+    # defense (e.g. "identity", the plain BPDA ablation); or "defense:surrogate,..." per defense.
+    _C.ROBUSTNESS.BPDA_SURROGATE = "auto"
+    # EOT samples (mask draws averaged per attack step) for randomised defenses (TVM); <= 0 means
+    # the default 4. Deterministic defenses always use 1.
+    _C.ROBUSTNESS.EOT_SAMPLES = 4
 
     # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
     add_defense_config(_C)

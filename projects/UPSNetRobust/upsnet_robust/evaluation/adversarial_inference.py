@@ -7,6 +7,10 @@ optionally rounds to uint8, applies each configured defense to the SAME adversar
 runs inference once per defense. With one defense it returns ordinary outputs (any
 ``DatasetEvaluator`` works); with several, per image a dict ``{defense_name: output}`` for
 :class:`MultiVariantEvaluator`. Per-image attack / defense seconds and failures are recorded.
+
+With ``adaptive_defense`` set, the attack is defense-aware: its objective is wrapped in
+:class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks ``model o defense``
+(BPDA through the real defense, EOT over the masks of a randomised one) instead of the model.
 """
 import logging
 import os
@@ -14,12 +18,14 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..attacks import NonFiniteGradientError
 from ..attacks.objectives import build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
+from ..defenses.bpda import DefenseAwareObjective
 
 __all__ = ["AdversarialInference", "FAILED_KEY"]
 
@@ -27,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Output key of an image that could not be scored; evaluators skip it, the report counts it.
 FAILED_KEY = "failed"
+
+# Mixed into an image's seed for its EOT mask stream (independent of the attack's own stream).
+_EOT_STREAM = 0x0E07
 
 
 def _sync(device: torch.device):
@@ -48,6 +57,11 @@ class AdversarialInference(nn.Module):
         cache_dir (str): where finished images are stored; present ones are not recomputed.
         on_image (callable): called per freshly computed image with
             ``(input, clean (3,H,W), adversarial (3,H,W), {defense: defended image}, outputs)``.
+        adaptive_defense (str): name of a defense in ``defenses`` to attack through (an
+            adaptive attack); None attacks the model alone (defense-unaware).
+        surrogate: BPDA surrogate choice for the adaptive attack
+            (:func:`upsnet_robust.defenses.surrogates.resolve_surrogates`; "auto" = defaults).
+        eot_samples (int): EOT samples for a randomised adaptive defense (None/<= 0: default).
     """
 
     def __init__(
@@ -61,6 +75,9 @@ class AdversarialInference(nn.Module):
         seed: int = 0,
         cache_dir: Optional[str] = None,
         on_image: Optional[Callable] = None,
+        adaptive_defense: Optional[str] = None,
+        surrogate="auto",
+        eot_samples: Optional[int] = None,
     ):
         super().__init__()
         self.model = model
@@ -72,6 +89,17 @@ class AdversarialInference(nn.Module):
         self.seed = seed
         self.cache_dir = cache_dir
         self.on_image = on_image
+        self.adaptive_defense = adaptive_defense
+        self.surrogate = surrogate
+        self.eot_samples = eot_samples
+        if adaptive_defense is not None:
+            if self.defenses.get(adaptive_defense) is None:
+                raise ValueError(
+                    f"adaptive_defense {adaptive_defense!r} must name a defense (not 'none') of "
+                    f"{list(self.defenses)}"
+                )
+            if attack is None:
+                raise ValueError("An adaptive pass needs an attack.")
         self.records: List[Dict] = []
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
@@ -119,6 +147,10 @@ class AdversarialInference(nn.Module):
             "defense_s": {name: 0.0 for name in self.defenses},
             "failure": None,
         }
+        if self.adaptive_defense is not None:
+            # seconds of real defense forwards inside the attack (part of attack_s), and count
+            record["attack_defense_s"] = 0.0
+            record["attack_defense_calls"] = 0
         if "error" in x:  # the mapper could not read the image (see RobustMapper)
             record["failure"] = x["error"]
             return {"outputs": {FAILED_KEY: x["error"]}, "record": record}
@@ -129,6 +161,17 @@ class AdversarialInference(nn.Module):
         if self.attack is not None:
             name = getattr(self.attack, "required_objective", None) or self.objective
             objective = build_objective(name, self.model, [x], seed=self.seed)
+            if self.adaptive_defense is not None:
+                objective = DefenseAwareObjective(
+                    objective,
+                    self.defenses[self.adaptive_defense],
+                    input_format=self.input_format,
+                    surrogate=self.surrogate,
+                    eot_samples=self.eot_samples,
+                    generator=np.random.default_rng(
+                        [image_seed(self.seed, x.get("image_id")), _EOT_STREAM]
+                    ),
+                )
             if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
                 self.attack.manual_seed([image_seed(self.seed, x.get("image_id"))])
             _sync(device)
@@ -143,6 +186,9 @@ class AdversarialInference(nn.Module):
                 return {"outputs": {FAILED_KEY: reason}, "record": record}
             _sync(device)
             record["attack_s"] = time.perf_counter() - start
+            if self.adaptive_defense is not None:
+                record["attack_defense_s"] = objective.stats["defense_s"]
+                record["attack_defense_calls"] = objective.stats["defense_calls"]
         if self.quantize:
             adv = adv.round().clamp(0, 255)
 

@@ -10,8 +10,11 @@ A *cell* is one (attack, eps, defense, ...) result of a robustness sweep, a dict
      "num_images": 30, "num_failed": 0, "failures": [{"image_id": "x", "reason": "..."}]}
 
 Clean cells have ``attack == "clean"`` and ``eps == 0``; ``defense == "none"`` marks undefended
-cells. PQ-like numbers are percentages (0-100). :func:`write_report` writes
-``robustness.{json,csv,md}``, ``pq_vs_eps.png`` and ``time_vs_eps.png``, each atomically.
+cells. Adaptive cells (``"adaptive": true``: the attack differentiated through the defense, BPDA
+and EOT) also carry ``surrogate``, ``eot_samples`` and ``attack_defense_s_per_image``. PQ-like
+numbers are percentages (0-100). :func:`write_report` writes ``robustness.{json,csv,md}``,
+``pq_vs_eps.png`` and ``time_vs_eps.png``, each atomically; :func:`defense_ranking` ranks the
+defenses by their worst case.
 
 Sanity checks (:func:`sanity_checks`, ATTACKS.md "an honest evaluation must report", item 5)
 compare PQ values with an absolute tolerance of :data:`PQ_TOLERANCE` = 0.5 PQ points: a
@@ -38,6 +41,7 @@ __all__ = [
     "PQ_TOLERANCE",
     "SINGLE_STEP_ATTACKS",
     "THREAT_MODEL",
+    "defense_ranking",
     "format_table",
     "plot_pq_vs_eps",
     "plot_time_vs_eps",
@@ -76,11 +80,16 @@ CSV_COLUMNS = (
     "defense_s_per_image",
     "num_images",
     "num_failed",
+    "surrogate",
+    "eot_samples",
 )
 
 THREAT_MODEL = (
     "attacks are white-box on the undefended model; defended cells score the same adversarial "
-    "images after the defense (defense-unaware / gray-box) unless `adaptive` is true"
+    "images after the defense (defense-unaware / gray-box) unless `adaptive` is true, in which "
+    "case the attack ran against model o defense: the real defense forward, the VJP of a "
+    "differentiable surrogate backward (BPDA, see `surrogate`), averaged over `eot_samples` "
+    "random masks for randomised defenses (EOT)"
 )
 
 _METRICS = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")
@@ -430,6 +439,169 @@ def sanity_checks(cells: Sequence[Dict], tol: float = PQ_TOLERANCE) -> List[Dict
 
 
 # ------------------------------------------------------------------------------------------------
+# defense ranking (ATTACKS.md, "an honest evaluation must report", items 2 and 3)
+# ------------------------------------------------------------------------------------------------
+def _first(cells: Iterable[Dict], key: str):
+    return next((c.get(key) for c in cells if c.get(key) is not None), None)
+
+
+def _mean_num(values) -> Optional[float]:
+    values = [v for v in (_num(x) for x in values) if v is not None]
+    return float(sum(values) / len(values)) if values else None
+
+
+def defense_ranking(cells: Sequence[Dict]) -> List[Dict]:
+    """Per defense: its clean cost, PQ under defense-unaware and adaptive attacks, its time, and
+    its rank by the worst case.
+
+    The worst case of a defense is the lowest PQ over all its attacked cells (every attack,
+    objective, eps, and adaptive or not). Defenses are ranked by it (higher is better); ties go
+    to the higher mean over eps of the per-eps worst case (the robustness curve, which still
+    separates defenses when the largest eps drives all of them to 0), then to the higher clean
+    PQ. "none" is ranked too, as the baseline (its attacks are white-box, i.e. already
+    adaptive). A defense without adaptive cells is ``adaptively_evaluated: false``: its worst
+    case is only an upper bound.
+
+    Args:
+        cells (list[dict]): sweep cells.
+
+    Returns:
+        list[dict]: one entry per defense, ranked ones first (``rank`` 1 = most robust; full
+        ties share a rank), then defenses without attacked cells (``rank`` None). Keys: ``rank``, ``defense``,
+        ``clean_PQ``, ``clean_PQ_cost`` (clean undefended PQ minus clean PQ with the defense),
+        ``worst_PQ``, ``worst_setting`` (attack, objective, eps, adaptive of the worst cell),
+        ``worst_PQ_unaware``, ``worst_PQ_adaptive``, ``mean_worst_PQ_over_eps``, ``per_eps``
+        (list of ``{eps, unaware_PQ, adaptive_PQ, worst_PQ}``), ``adaptively_evaluated``,
+        ``surrogate``, ``eot_samples``, ``defense_s_per_image`` (from its clean cell, else the
+        mean over its cells) and ``adaptive_attack_s_per_image`` (mean over its adaptive cells).
+    """
+    clean = _clean_pq_by_defense(cells)
+    ref = clean.get(UNDEFENDED)
+    ordered = _cell_order(cells)
+    attacked = [c for c in ordered if not _is_clean(c) and _num(c.get("PQ")) is not None]
+    eps_values = sorted({_eps(c) for c in attacked})
+    rows = []
+    for d in _unique(_defense(c) for c in ordered):
+        mine = [c for c in attacked if _defense(c) == d]
+        unaware = [c for c in mine if not _adaptive(c)]
+        adaptive = [c for c in mine if _adaptive(c)]
+        per_eps = []
+        for e in eps_values:
+            u = _min_pq(c for c in unaware if _eps(c) == e)
+            a = _min_pq(c for c in adaptive if _eps(c) == e)
+            both = [v for v in (u, a) if v is not None]
+            per_eps.append(
+                {
+                    "eps": e,
+                    "unaware_PQ": u,
+                    "adaptive_PQ": a,
+                    "worst_PQ": min(both) if both else None,
+                }
+            )
+        worst = min(mine, key=lambda c: _num(c.get("PQ"))) if mine else None
+        curve = [p["worst_PQ"] for p in per_eps if p["worst_PQ"] is not None]
+        clean_cell = next((c for c in ordered if _is_clean(c) and _defense(c) == d), None)
+        if clean_cell is not None and _num(clean_cell.get("defense_s_per_image")) is not None:
+            defense_s = _num(clean_cell.get("defense_s_per_image"))
+        else:
+            defense_s = _mean_num(c.get("defense_s_per_image") for c in mine)
+        rows.append(
+            {
+                "rank": None,
+                "defense": d,
+                "clean_PQ": clean.get(d),
+                "clean_PQ_cost": (ref - clean[d]) if ref is not None and d in clean else None,
+                "worst_PQ": _num(worst.get("PQ")) if worst else None,
+                "worst_setting": (
+                    {
+                        "attack": worst.get("attack"),
+                        "objective": worst.get("objective"),
+                        "eps": _eps(worst),
+                        "adaptive": _adaptive(worst),
+                    }
+                    if worst
+                    else None
+                ),
+                "worst_PQ_unaware": _min_pq(unaware),
+                "worst_PQ_adaptive": _min_pq(adaptive),
+                "mean_worst_PQ_over_eps": sum(curve) / len(curve) if curve else None,
+                "per_eps": per_eps,
+                "adaptively_evaluated": d == UNDEFENDED or bool(adaptive),
+                "surrogate": _first(adaptive, "surrogate"),
+                "eot_samples": _first(adaptive, "eot_samples"),
+                "defense_s_per_image": 0.0 if d == UNDEFENDED else defense_s,
+                "adaptive_attack_s_per_image": _mean_num(
+                    c.get("attack_s_per_image") for c in adaptive
+                ),
+            }
+        )
+    def key(r):
+        mean = r["mean_worst_PQ_over_eps"]
+        return (
+            -r["worst_PQ"],
+            -(mean if mean is not None else -1.0),
+            -(r["clean_PQ"] if r["clean_PQ"] is not None else -1.0),
+        )
+
+    ranked = sorted((r for r in rows if r["worst_PQ"] is not None), key=key)
+    for i, r in enumerate(ranked):  # full ties share a rank ("1, 2, 2, 4")
+        r["rank"] = ranked[i - 1]["rank"] if i and key(r) == key(ranked[i - 1]) else i + 1
+    return ranked + [r for r in rows if r["worst_PQ"] is None]
+
+
+def _ranking_markdown(ranking: Sequence[Dict], any_adaptive: bool) -> List[str]:
+    md = ["", "## Defenses ranked by worst case", ""]
+    if any_adaptive:
+        md.append(
+            "Worst case = lowest PQ over every attack, objective, eps and adaptive setting; rank 1 "
+            "is the most robust (ties: mean of the per-eps worst case, then clean PQ). Cost = "
+            "clean undefended PQ minus clean PQ with the defense. Per eps: PQ under the "
+            "defense-unaware (transfer) attack / under the adaptive attack (BPDA surrogate, EOT "
+            "samples in the last column). `none` is the baseline; its attacks are white-box."
+        )
+    else:
+        md.append(
+            "**No adaptive attack was run (ROBUSTNESS.ADAPTIVE False): defenses are not ranked.** "
+            "The numbers below are under defense-unaware attacks only and overstate robustness "
+            "against an adversary who knows the defense (Athalye et al., 2018)."
+        )
+    md.append("")
+    eps_values = [p["eps"] for p in ranking[0]["per_eps"]] if ranking else []
+    header = ["rank", "defense", "clean PQ", "cost"]
+    header += [f"eps {_fmt_eps(e)} unaware / adaptive" for e in eps_values]
+    header += ["worst PQ (setting)", "mean worst PQ", "defense s/img", "adaptive attack s/img"]
+    header += ["surrogate (EOT)"]
+    body = []
+    for r in ranking:
+        if any_adaptive and r["rank"] is not None:
+            rank = str(r["rank"]) + ("" if r["adaptively_evaluated"] else " †")
+        else:
+            rank = "-"
+        row = [rank, r["defense"], _fmt(r["clean_PQ"]), _fmt(r["clean_PQ_cost"])]
+        for p in r["per_eps"]:
+            u = _fmt(p["unaware_PQ"]).replace("n/a", "-")
+            if r["defense"] == UNDEFENDED:
+                row.append(f"{u} (white-box)")
+            else:
+                row.append(f"{u} / {_fmt(p['adaptive_PQ']).replace('n/a', '-')}")
+        w = r["worst_setting"]
+        setting = (
+            f"{w['attack']}{' (adaptive)' if w['adaptive'] else ''} eps {_fmt_eps(w['eps'])}"
+            if w
+            else "-"
+        )
+        row += [f"{_fmt(r['worst_PQ'])} ({setting})", _fmt(r["mean_worst_PQ_over_eps"])]
+        row += [_fmt(r["defense_s_per_image"], 3), _fmt(r["adaptive_attack_s_per_image"], 3)]
+        sur = r["surrogate"] or "-"
+        row.append(f"{sur} ({r['eot_samples']})" if r["eot_samples"] else sur)
+        body.append(row)
+    md += _md_table(header, body)
+    if any_adaptive and any(not r["adaptively_evaluated"] and r["rank"] for r in ranking):
+        md += ["", "† no adaptive attack on this defense: its worst case is an upper bound."]
+    return md
+
+
+# ------------------------------------------------------------------------------------------------
 # terminal table
 # ------------------------------------------------------------------------------------------------
 def _attack_label(cell: Dict) -> str:
@@ -578,6 +750,11 @@ def _markdown(cells: Sequence[Dict], metadata: Dict, checks: Sequence[Dict], tol
     else:
         md += ["No clean cells: PQ ratios to clean are unavailable."]
 
+    # Every defense side by side, ranked by its worst case (ATTACKS.md items 2 and 3).
+    ranking = defense_ranking(cells)
+    if any(r["defense"] != UNDEFENDED for r in ranking):
+        md += _ranking_markdown(ranking, any(_adaptive(c) for c in cells if not _is_clean(c)))
+
     # One table per (attack, objective, adaptive): rows eps, metric columns per defense.
     attacked = [c for c in _cell_order(cells) if not _is_clean(c)]
     tables = OrderedDict()
@@ -587,10 +764,16 @@ def _markdown(cells: Sequence[Dict], metadata: Dict, checks: Sequence[Dict], tol
         title = f"## Attack: {attack}" + (" (adaptive)" if adaptive else "")
         md += ["", title, ""]
         first = group[0]
+        surrogates = _unique(
+            f"{_defense(c)}: {c.get('surrogate') or 'n/a'}"
+            + (f", EOT {c.get('eot_samples')}" if c.get("eot_samples") else "")
+            for c in group
+        )
         md.append(
             f"Objective: `{objective}`; "
             + (
-                "adaptive (defense-aware) attack"
+                "adaptive (defense-aware) attack against model o defense, one pass per defense "
+                "(BPDA surrogate, EOT samples: " + "; ".join(surrogates) + ")"
                 if adaptive
                 else "white-box on the undefended model"
             )
@@ -720,10 +903,13 @@ def write_report(
     Files (each written to a temp file and moved in with ``os.replace``):
 
     - ``robustness.json``: ``{"metadata": metadata, "cells": cells, "checks": checks}``
-      (numpy values unwrapped, NaN/inf written as null);
+      (numpy values unwrapped, NaN/inf written as null), plus ``"defense_ranking"``
+      (:func:`defense_ranking`) when the cells include adaptive attacks;
     - ``robustness.csv``: one row per cell, columns :data:`CSV_COLUMNS` (``PQ_ratio`` is PQ over
       the clean PQ of the same defense, or of "none");
-    - ``robustness.md``: metadata header with the threat model, clean PQ per defense, one table
+    - ``robustness.md``: metadata header with the threat model, clean PQ per defense, the
+      defenses side by side (clean cost, PQ under defense-unaware and adaptive attacks per eps,
+      seconds per image; ranked by the worst case when adaptive attacks were run), one table
       per attack (rows eps; PQ/SQ/RQ/PQ_th/PQ_st and ratio per defense; seconds per image),
       worst case over attacks, sanity checks and failures;
     - ``pq_vs_eps.png`` (:func:`plot_pq_vs_eps`) and ``time_vs_eps.png``
@@ -746,7 +932,11 @@ def write_report(
     for c in checks:
         if not c["passed"]:
             logger.warning("Sanity check FAILED: %s: %s", c["check"], c["detail"])
-    payload = _jsonable({"metadata": metadata, "cells": cells, "checks": checks})
+    payload = {"metadata": metadata, "cells": cells, "checks": checks}
+    if any(_adaptive(c) for c in cells if not _is_clean(c)):
+        # A ranking without adaptive attacks would overstate robustness: only written with them.
+        payload["defense_ranking"] = defense_ranking(cells)
+    payload = _jsonable(payload)
     _atomic_write(paths["json"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
     _atomic_write(paths["csv"], _csv_text(cells))
     _atomic_write(paths["md"], _markdown(cells, metadata, checks, PQ_TOLERANCE))
@@ -826,11 +1016,14 @@ def _style_log_eps(ax, eps_values: List[float]) -> None:
 def plot_pq_vs_eps(cells: Sequence[Dict], path: str) -> str:
     """PQ against eps (the study's Fig. 6).
 
-    Clean PQ of each defense is a horizontal grey dashed line (eps is on a log axis, so the
-    clean point cannot sit at eps 0). One colour per attack, one marker per defense: each attack
-    undefended is a solid line ("attacked"), each attack with each defense a dash-dot line
-    ("defended"), adaptive attacks dotted. Where one eps has
-    several cells of a series (step counts, restarts) the lowest PQ is drawn.
+    Clean PQ of each defense is a horizontal dashed line (eps is on a log axis, so the clean
+    point cannot sit at eps 0). Each attack undefended is a solid line ("attacked"), each
+    defense-unaware attack with each defense a dash-dot line ("defended"), each adaptive attack
+    (BPDA/EOT through that defense) a dotted line in the same colour and marker as its
+    defense-unaware counterpart. With several attacks: one colour per attack, one marker per
+    defense, grey clean lines; with one attack: one colour per defense (its clean line too).
+    Where one eps has several cells of a series (step counts, restarts) the lowest PQ is drawn.
+    Many series put the legend beside the axes.
 
     Args:
         cells (list[dict]): sweep cells.
@@ -842,29 +1035,32 @@ def plot_pq_vs_eps(cells: Sequence[Dict], path: str) -> str:
     fig, (ax,) = _new_figure()
     defenses = _unique(_defense(c) for c in _cell_order(cells))
     clean = _clean_pq_by_defense(cells)
+    series = _series(cells, "PQ")
+    attacks = _unique(k[0] for k in series)
+    by_defense = len(attacks) <= 1  # one attack: colours tell the defenses apart
+    colors = _colors(max(1, len(defenses) if by_defense else len(attacks)))
     greys = ["0.15", "0.45", "0.65", "0.3", "0.55", "0.75"]
     dashes = [(5, 3), (2, 2), (8, 3, 2, 3), (4, 1), (1, 3), (6, 2, 1, 2)]
     for i, d in enumerate(d for d in defenses if d in clean):
         label = "clean" if d == UNDEFENDED else f"clean + {d}"
         ax.axhline(
             clean[d],
-            color=greys[i % len(greys)],
+            color=colors[defenses.index(d)] if by_defense else greys[i % len(greys)],
             linestyle="--",
             dashes=dashes[i % len(dashes)],
-            linewidth=1.2,
+            linewidth=1.0 if by_defense else 1.2,
+            alpha=0.7 if by_defense else 1.0,
             label=label,
         )
-    series = _series(cells, "PQ")
-    attacks = _unique(k[0] for k in series)
-    colors = _colors(max(1, len(attacks)))
     markers = "osD^vP*Xh<>"
     objectives = len({k[1] for k in series})
     for (attack, objective, defense, adaptive), pts in series.items():
         linestyle = ":" if adaptive else ("-" if defense == UNDEFENDED else "-.")
+        color = colors[defenses.index(defense)] if by_defense else colors[attacks.index(attack)]
         ax.plot(
             [e for e, _ in pts],
             [v for _, v in pts],
-            color=colors[attacks.index(attack)],
+            color=color,
             marker=markers[defenses.index(defense) % len(markers)],
             linestyle=linestyle,
             linewidth=1.6,
@@ -876,17 +1072,33 @@ def plot_pq_vs_eps(cells: Sequence[Dict], path: str) -> str:
     ax.set_ylabel("PQ (%)")
     ax.set_ylim(bottom=0)
     ax.set_title("Panoptic quality under attack (PQ vs eps)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+    _legend(ax)
     _save_figure(fig, path)
     return path
+
+
+def _legend(ax, max_inside: int = 8, outside: str = "right") -> None:
+    """Legend inside the axes for a few entries; for many, beside them (``outside="right"``) or
+    under them (``"below"``, for side-by-side panels)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) <= max_inside:
+        ax.legend(fontsize=8, loc="best")
+    elif outside == "below":
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        ncol = 1 if len(handles) <= 24 else 2
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
 
 
 def plot_time_vs_eps(cells: Sequence[Dict], path: str) -> str:
     """Attack and defense seconds per image against eps (the study's Fig. 7).
 
-    Left: attack seconds per image per (attack, objective, adaptive). Right: defense seconds
-    per image per (attack, defense), with each defense's cost on clean images as a dashed line.
+    Left: attack seconds per image per (attack, objective), and per attacked defense for the
+    adaptive attacks (dotted; their cost includes the defense forwards and EOT samples). Right:
+    defense seconds per image per (attack, defense), with each defense's cost on clean images as
+    a dashed line.
 
     Args:
         cells (list[dict]): sweep cells.
@@ -898,22 +1110,24 @@ def plot_time_vs_eps(cells: Sequence[Dict], path: str) -> str:
     fig, (ax_a, ax_d) = _new_figure(ncols=2)
     attack_series = OrderedDict()
     for (attack, objective, defense, adaptive), pts in _series(cells, "attack_s_per_image").items():
-        # The attack runs once per pass; every defense's cell repeats its time: keep one curve.
-        key = (attack, objective, adaptive)
+        # A defense-unaware attack runs once per pass and every defense's cell repeats its
+        # time: keep one curve. An adaptive pass attacks one defense: one curve per defense.
+        key = (attack, objective, adaptive, defense if adaptive else None)
         if key not in attack_series or defense == UNDEFENDED:
             attack_series[key] = pts
     objectives = len({k[1] for k in attack_series})
     colors = _colors(max(1, len(attack_series)))
-    for i, ((attack, objective, adaptive), pts) in enumerate(attack_series.items()):
+    for i, ((attack, objective, adaptive, defense), pts) in enumerate(attack_series.items()):
+        label = _label(attack, objective, UNDEFENDED, False, objectives).replace(" (attacked)", "")
+        if adaptive:
+            label += f" vs {defense} (adaptive)"
         ax_a.plot(
             [e for e, _ in pts],
             [v for _, v in pts],
             color=colors[i],
             marker="o",
             linestyle=":" if adaptive else "-",
-            label=_label(attack, objective, UNDEFENDED, adaptive, objectives).replace(
-                " (attacked)", ""
-            ),
+            label=label,
         )
     eps_a = sorted({e for pts in attack_series.values() for e, _ in pts})
     _style_log_eps(ax_a, eps_a)
@@ -951,8 +1165,7 @@ def plot_time_vs_eps(cells: Sequence[Dict], path: str) -> str:
     ax_d.set_ylim(bottom=0)
     ax_d.set_title("Defense cost per image" + ("" if defenses else " (no defenses)"))
     for ax in (ax_a, ax_d):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+        _legend(ax, outside="below")
     fig.suptitle("Time per image vs eps")
     _save_figure(fig, path)
     return path

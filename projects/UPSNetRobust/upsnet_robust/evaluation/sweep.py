@@ -2,7 +2,11 @@
 """The robustness sweep: attacks x eps x defenses, plus clean cells, with resume.
 
 Each *pass* (clean, or one attack at one eps) computes its adversarial images once and scores
-them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense). Finished images are
+them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense). With
+``ROBUSTNESS.ADAPTIVE``, each attack x eps also gets one *adaptive pass* per defense other than
+"none": the attack runs against ``model o defense`` (BPDA with ``ROBUSTNESS.BPDA_SURROGATE``, EOT
+with ``ROBUSTNESS.EOT_SAMPLES`` masks for TVM) and its images are scored with that defense only
+(one cell, ``"adaptive": true``). Finished images are
 cached per pass, finished passes store their cells; both live under a directory keyed by a
 fingerprint of the model config and the checkpoint's bytes, and each pass's directory by a hash
 of its attack, objective, defense and data settings, so a changed config or checkpoint never
@@ -24,6 +28,7 @@ from detectron2.utils import comm
 from ..attacks import build_attack
 from ..data import build_panoptic_mapper
 from ..defenses import build_defense_from_cfg
+from ..defenses.bpda import describe_surrogates, eot_samples_for
 from .adversarial_inference import AdversarialInference
 from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
 from .robust_mapper import RobustMapper
@@ -55,14 +60,32 @@ def fingerprint(cfg, weights: str) -> str:
     return h.hexdigest()[:16]
 
 
+def adaptive_defense_names(cfg) -> List[str]:
+    """Defenses that get adaptive passes: those of ROBUSTNESS.DEFENSES other than "none" (in
+    order, without repeats), if ROBUSTNESS.ADAPTIVE; else none."""
+    if not cfg.ROBUSTNESS.ADAPTIVE:
+        return []
+    return [d for d in OrderedDict.fromkeys(cfg.ROBUSTNESS.DEFENSES) if d != "none"]
+
+
 def sweep_passes(cfg) -> List[Dict]:
-    """The passes of a sweep, in order: clean first (if configured), then attack x eps."""
+    """The passes of a sweep, in order: clean first (if configured), then attack x eps, then
+    (ROBUSTNESS.ADAPTIVE) attack x eps x defense adaptive passes. Each spec is
+    ``{"attack", "eps", "adaptive"}`` with ``adaptive`` the attacked defense's name or None."""
     r = cfg.ROBUSTNESS
-    passes = [{"attack": CLEAN, "eps": 0.0}] if r.INCLUDE_CLEAN else []
+    passes = [{"attack": CLEAN, "eps": 0.0, "adaptive": None}] if r.INCLUDE_CLEAN else []
     for name in r.ATTACKS:
         for eps in r.EPSILONS:
-            passes.append({"attack": name, "eps": float(eps)})
+            passes.append({"attack": name, "eps": float(eps), "adaptive": None})
+    for name in r.ATTACKS:
+        for eps in r.EPSILONS:
+            for d in adaptive_defense_names(cfg):
+                passes.append({"attack": name, "eps": float(eps), "adaptive": d})
     return passes
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -97,6 +120,9 @@ class RobustnessSweep:
         self.defenses = OrderedDict(
             (d, None if d == "none" else build_defense_from_cfg(cfg, d)) for d in self.defense_names
         )
+        # Fail now, not after hours of passes, on a bad surrogate choice.
+        for d in adaptive_defense_names(cfg):
+            self._adaptive_settings(d)
 
     # ------------------------------------------------------------------ data
     def _dataset(self) -> List[Dict]:
@@ -116,8 +142,19 @@ class RobustnessSweep:
             return None
         return build_attack(self.cfg, spec["attack"], spec["eps"])
 
+    def _adaptive_settings(self, defense: str) -> Dict:
+        """Surrogate description and EOT samples of an adaptive pass against ``defense``."""
+        r = self.cfg.ROBUSTNESS
+        transform = self.defenses[defense]
+        return {
+            "defense": defense,
+            "surrogate": describe_surrogates(transform, r.BPDA_SURROGATE),
+            "eot_samples": eot_samples_for(transform, r.EOT_SAMPLES),
+        }
+
     def _pass_key(self, spec: Dict, attack) -> str:
         r = self.cfg.ROBUSTNESS
+        adaptive = spec.get("adaptive")
         desc = {
             "attack": attack.describe() if attack is not None else CLEAN,
             "objective": self._objective(attack),
@@ -127,8 +164,14 @@ class RobustnessSweep:
             "defense_cfg": self.cfg.DEFENSE.dump(),
             "images": r.MAX_IMAGES,
         }
+        if adaptive:
+            # Only adaptive passes carry these keys: defense-unaware passes keep their old keys
+            # (and caches). EOT masks derive from the seed, part of desc already.
+            desc["defenses"] = [adaptive]
+            desc["adaptive"] = self._adaptive_settings(adaptive)
         digest = _sha(json.dumps(desc, sort_keys=True, default=str).encode())[:10]
-        return f"{spec['attack']}_eps{spec['eps']:g}_{digest}"
+        tag = f"_adaptive-{_safe(adaptive)}" if adaptive else ""
+        return f"{spec['attack']}_eps{spec['eps']:g}{tag}_{digest}"
 
     def _objective(self, attack) -> Optional[str]:
         if attack is None:
@@ -158,19 +201,24 @@ class RobustnessSweep:
 
     def _run_pass(self, spec: Dict, attack, pass_dir: str) -> List[Dict]:
         r = self.cfg.ROBUSTNESS
+        adaptive = spec.get("adaptive")
+        defense_names = [adaptive] if adaptive else self.defense_names
         wrapper = AdversarialInference(
             self.model,
             attack=attack,
             objective=r.OBJECTIVE,
-            defenses=self.defenses,
+            defenses=OrderedDict((d, self.defenses[d]) for d in defense_names),
             input_format=self.cfg.INPUT.FORMAT,
             quantize=r.QUANTIZE,
             seed=r.SEED,
             cache_dir=pass_dir,
             on_image=self._example_hook(spec),
+            adaptive_defense=adaptive,
+            surrogate=r.BPDA_SURROGATE,
+            eot_samples=r.EOT_SAMPLES,
         )
         evaluator = MultiVariantEvaluator(
-            {d: PanopticSubsetEvaluator(self.dataset_name) for d in self.defense_names}
+            {d: PanopticSubsetEvaluator(self.dataset_name) for d in defense_names}
         )
         results = inference_on_dataset(wrapper, self._loader(), evaluator)
         records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
@@ -182,6 +230,9 @@ class RobustnessSweep:
         if self.on_example is None or spec["attack"] == CLEAN or not comm.is_main_process():
             return None
         budget = {"left": self.cfg.ROBUSTNESS.NUM_EXAMPLES}
+        if spec.get("adaptive"):
+            # A distinct name for the adaptive pass's grids (writers name files by attack, eps).
+            spec = dict(spec, attack=f"{spec['attack']}-adaptive-{_safe(spec['adaptive'])}")
 
         def hook(x, clean, adv, defended, outputs):
             if budget["left"] > 0:
@@ -193,37 +244,45 @@ class RobustnessSweep:
     def _cells(self, spec, attack, results, records) -> List[Dict]:
         ok = [rec for rec in records if rec["failure"] is None]
         desc = attack.describe() if attack is not None else {}
+        adaptive = spec.get("adaptive")
         cells = []
-        for d in self.defense_names:
+        for d in [adaptive] if adaptive else self.defense_names:
             pq = results.get(d, {}).get("panoptic_seg", {})
-            cells.append(
-                {
-                    "attack": spec["attack"],
-                    "objective": self._objective(attack),
-                    "eps": spec["eps"],
-                    "num_steps": int(desc.get("num_steps", 0) or 0),
-                    "step_size": float(desc.get("step_size", 0.0) or 0.0),
-                    "random_start": bool(desc.get("random_start", False)),
-                    "restarts": int(desc.get("restarts", 1) or 1),
-                    "defense": d,
-                    "adaptive": False,
-                    "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
-                    "PQ": pq.get("PQ"),
-                    "SQ": pq.get("SQ"),
-                    "RQ": pq.get("RQ"),
-                    "PQ_th": pq.get("PQ_th"),
-                    "PQ_st": pq.get("PQ_st"),
-                    "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
-                    "defense_s_per_image": _mean([rec["defense_s"][d] for rec in ok]),
-                    "num_images": len(ok),
-                    "num_failed": len(records) - len(ok),
-                    "failures": [
-                        {"image_id": rec["image_id"], "reason": rec["failure"]}
-                        for rec in records
-                        if rec["failure"] is not None
-                    ],
-                }
-            )
+            cell = {
+                "attack": spec["attack"],
+                "objective": self._objective(attack),
+                "eps": spec["eps"],
+                "num_steps": int(desc.get("num_steps", 0) or 0),
+                "step_size": float(desc.get("step_size", 0.0) or 0.0),
+                "random_start": bool(desc.get("random_start", False)),
+                "restarts": int(desc.get("restarts", 1) or 1),
+                "defense": d,
+                "adaptive": bool(adaptive),
+                "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
+                "PQ": pq.get("PQ"),
+                "SQ": pq.get("SQ"),
+                "RQ": pq.get("RQ"),
+                "PQ_th": pq.get("PQ_th"),
+                "PQ_st": pq.get("PQ_st"),
+                "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
+                "defense_s_per_image": _mean([rec["defense_s"][d] for rec in ok]),
+                "num_images": len(ok),
+                "num_failed": len(records) - len(ok),
+                "failures": [
+                    {"image_id": rec["image_id"], "reason": rec["failure"]}
+                    for rec in records
+                    if rec["failure"] is not None
+                ],
+            }
+            if adaptive:
+                settings = self._adaptive_settings(adaptive)
+                cell["surrogate"] = settings["surrogate"]
+                cell["eot_samples"] = settings["eot_samples"]
+                # seconds of real defense forwards inside the attack (included in attack_s)
+                cell["attack_defense_s_per_image"] = _mean(
+                    [rec.get("attack_defense_s", 0.0) for rec in ok]
+                )
+            cells.append(cell)
         return cells
 
 
