@@ -501,7 +501,7 @@ def test_trained_model_adaptive_attacks_reach_lower_pq_than_defense_unaware(
         "MODEL.WEIGHTS", TRAINED,
         "OUTPUT_DIR", str(tmp_path / "out"),
         "ROBUSTNESS.ATTACKS", "['ifgsm']",
-        "ROBUSTNESS.EPSILONS", "[4.0]",
+        "ROBUSTNESS.EPSILONS", "[8.0]",
         "ROBUSTNESS.DEFENSES", "['none', 'gaussian', 'median', 'tvm']",
         "ROBUSTNESS.ADAPTIVE", "True",
         "ROBUSTNESS.EOT_SAMPLES", "2",
