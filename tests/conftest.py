@@ -7,7 +7,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Untrained weights produce denormal activations that make CPU convolutions ~20x slower; tests
-# that build untrained models would otherwise dominate the suite's time.
+# that build untrained models would otherwise dominate the suite's time. (Hypothesis float
+# strategies must then say allow_subnormal=False.)
 torch.set_flush_denormal(True)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

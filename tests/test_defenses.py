@@ -329,7 +329,7 @@ def test_adaptive_strength_is_monotone_in_noise_level():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.floats(0, 100), st.floats(0, 100))
+@given(st.floats(0, 100, allow_subnormal=False), st.floats(0, 100, allow_subnormal=False))
 def test_adaptive_strength_rule(s1, s2):
     lo, hi = sorted((s1, s2))
     h_lo, h_hi = adaptive_nlmeans_strength(lo), adaptive_nlmeans_strength(hi)
