@@ -277,3 +277,34 @@ def test_one_vs_two_processes_equal_and_resume_after_kill(synthetic_cityscapes_r
         for d in ("none", "nlmeans"):
             assert torch.equal(ea["outputs"][d]["panoptic_seg"][0], eb["outputs"][d]["panoptic_seg"][0])
             assert ea["outputs"][d]["panoptic_seg"][1] == eb["outputs"][d]["panoptic_seg"][1]
+
+
+def test_sweep_fast_paths_keep_pass_keys_and_scores(synthetic_cityscapes_names, weights, tmp_path):
+    """Batched attacks and defense workers change the speed, not the pass keys or the scores;
+    mixed precision makes new pass keys (its adversarial images differ)."""
+    opts = ("ROBUSTNESS.ATTACKS", "['ifgsm']", "ROBUSTNESS.EPSILONS", "[1.0]",
+            "ROBUSTNESS.OBJECTIVE", "semantic_ce")
+    plain_cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path / "plain", *opts)
+    fast_cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path / "fast", *opts,
+                    "ROBUSTNESS.BATCH_SIZE", "2", "ROBUSTNESS.DEFENSE_WORKERS", "1")
+    model = _model(plain_cfg)
+    plain = run_robustness_sweep(plain_cfg, model)["cells"]
+    fast = run_robustness_sweep(fast_cfg, model)["cells"]
+    for p, f in zip(_scores(plain), _scores(fast)):
+        assert {k: v for k, v in p.items() if k not in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")} == {
+            k: v for k, v in f.items() if k not in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")
+        }
+        assert abs(p["PQ"] - f["PQ"]) <= 0.5, (p, f)
+
+    def keys(cfg):
+        return sorted(os.path.basename(d) for d in glob.glob(os.path.join(cfg.OUTPUT_DIR, "robustness_cache", "*", "*")))
+
+    assert keys(plain_cfg) == keys(fast_cfg)
+    meta = _read(os.path.join(fast_cfg.OUTPUT_DIR, "robustness.json"))["metadata"]
+    assert meta["batch_size"] == 2 and meta["defense_workers"] == 1
+    amp_cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path / "amp", *opts, "ROBUSTNESS.AMP", "bfloat16",
+                   "ROBUSTNESS.INCLUDE_CLEAN", "False")
+    run_robustness_sweep(amp_cfg, model)
+    assert set(keys(amp_cfg)).isdisjoint(keys(plain_cfg))
+    with pytest.raises(ValueError, match="ROBUSTNESS.BATCH_SIZE"):
+        run_robustness_sweep(_cfg(synthetic_cityscapes_names, weights, tmp_path / "bad", "ROBUSTNESS.BATCH_SIZE", "0"), model)

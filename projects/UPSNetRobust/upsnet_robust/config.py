@@ -80,6 +80,20 @@ def add_robustness_config(cfg):
     # EOT samples (mask draws averaged per attack step) for randomised defenses (TVM); <= 0 means
     # the default 4. Deterministic defenses always use 1.
     _C.ROBUSTNESS.EOT_SAMPLES = 4
+    # --- Fast paths (issue: performance); none of them changes what is measured. ---
+    # Images attacked together: one model run per attack step for the whole batch (per-image
+    # eps-balls, seeds and objective values on a zero-padded batch) and one batched inference
+    # per defense. Adaptive passes attack one image at a time.
+    _C.ROBUSTNESS.BATCH_SIZE = 1
+    # Worker processes for CPU defenses (0: in the main process); they defend a batch's images
+    # in parallel while the model infers the variants already available.
+    _C.ROBUSTNESS.DEFENSE_WORKERS = 0
+    # Mixed precision for the attack's forward/backward: "" (off), "bfloat16" or "float16"
+    # (torch.autocast on MODEL.DEVICE; meant for GPUs). Inference and scoring stay float32.
+    # Unlike the keys above it can change the adversarial images, so it is part of a pass's key.
+    _C.ROBUSTNESS.AMP = ""
+    # Convert the model to channels-last memory format (faster convolutions on tensor cores).
+    _C.ROBUSTNESS.CHANNELS_LAST = False
 
     # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
     add_defense_config(_C)

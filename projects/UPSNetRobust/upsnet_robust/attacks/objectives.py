@@ -6,6 +6,13 @@ float images ``x`` (N, 3, H, W) in 0-255 pixel units; it returns per-image value
 MAXIMISE. Every objective evaluates each image on its own with its own seed, so results do not
 depend on batching or on the process that computes them.
 
+Built with ``batched=True``, an objective runs the model once on the whole batch (the fast path
+of batched attacks) and still returns each image's own value: the dense objectives and
+``panoptic`` are deterministic per image; ``train_losses`` runs the backbone on the batch and
+the sampling heads per image under the image's seed (:meth:`UPSNet.per_image_losses`). Images
+may be zero-padded to a common size (the attack hook's padded batches): each image is cropped
+back to its own size, so padding never reaches the model as image content and gets no gradient.
+
 Objectives that need ground truth (``instances`` / ``sem_seg`` from the panoptic mapper) raise
 :class:`MissingGroundTruthError` on data without it; the label-free ``pseudo_label`` objective
 uses the model's own clean prediction instead.
@@ -32,14 +39,16 @@ __all__ = [
     "PanopticObjective",
     "LeastLikelyObjective",
     "PseudoLabelObjective",
+    "AutocastObjective",
 ]
 
 OBJECTIVE_REGISTRY = Registry("ATTACK_OBJECTIVE")
 OBJECTIVE_REGISTRY.__doc__ = """
-Attack objectives. A registered class is built as ``cls(model, batched_inputs, seed=...)`` and
+Attack objectives. A registered class is built as ``cls(model, batched_inputs, seed=..., batched=...)`` and
 called on float images (N, 3, H, W), returning per-image values (N,) to maximise.
 """
 
+_GROUND_TRUTH_KEYS = ("instances", "sem_seg")
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -78,13 +87,22 @@ class _Objective:
 
     needs_ground_truth = False
 
-    def __init__(self, model: nn.Module, batched_inputs: List[Dict], seed: int = 0):
+    def __init__(
+        self, model: nn.Module, batched_inputs: List[Dict], seed: int = 0, batched: bool = False
+    ):
         self.model = _unwrap(model)
-        self.inputs = [{k: v for k, v in x.items() if k != "image"} for x in batched_inputs]
+        self.batched = batched
+        device = self.model.device
+        # ground truth goes to the model's device once, not at every attack step
+        self.inputs = [
+            {k: (v.to(device) if k in _GROUND_TRUTH_KEYS else v) for k, v in x.items() if k != "image"}
+            for x in batched_inputs
+        ]
+        self.sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         self.seeds = [image_seed(seed, x.get("image_id", x.get("file_name", i))) for i, x in enumerate(batched_inputs)]
         if self.needs_ground_truth:
             for x in batched_inputs:
-                missing = [k for k in ("instances", "sem_seg") if k not in x]
+                missing = [k for k in _GROUND_TRUTH_KEYS if k not in x]
                 if missing:
                     raise MissingGroundTruthError(
                         f"objective '{self.name}' needs ground truth {missing} for "
@@ -97,6 +115,10 @@ class _Objective:
         return type(self).registered_name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self.inputs):
+            raise ValueError(f"objective built for {len(self.inputs)} images called on {x.shape[0]}")
+        if self.batched and x.shape[0] > 1:
+            return self.batch(x)
         values = []
         for i in range(x.shape[0]):
             with torch.random.fork_rng(devices=[]):
@@ -104,8 +126,17 @@ class _Objective:
                 values.append(self.single(x[i], i))
         return torch.stack(values)
 
+    def crop(self, image: torch.Tensor, i: int) -> torch.Tensor:
+        """Image ``i`` without the padding of a padded batch."""
+        h, w = self.sizes[i]
+        return image[:, :h, :w]
+
     def _input(self, image: torch.Tensor, i: int) -> Dict:
-        return dict(self.inputs[i], image=image)
+        return dict(self.inputs[i], image=self.crop(image, i))
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image values (N,) from one model run on the batch (``batched=True``)."""
+        raise NotImplementedError
 
     def single(self, image: torch.Tensor, i: int) -> torch.Tensor:
         raise NotImplementedError
@@ -122,13 +153,13 @@ def _register(name: str):
     return deco
 
 
-def _semantic_logits(model, image: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) semantic logits at input resolution, through the backbone and semantic head."""
-    images = model.preprocess_image([{"image": image}])
-    features = model.backbone(images.tensor)
+def _semantic_logits(model, images: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per image (C, h, w) semantic logits at input resolution, through the backbone and the
+    semantic head, run once on the batch."""
+    batch = model.preprocess_image([{"image": image} for image in images])
+    features = model.backbone(batch.tensor)
     logits = model.sem_seg_head.upsample(model.sem_seg_head.layers(features))
-    h, w = images.image_sizes[0]
-    return logits[0, :, :h, :w]
+    return [logits[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
 
 
 @_register("train_losses")
@@ -143,6 +174,19 @@ class TrainLossesObjective(_Objective):
             losses = self.model([self._input(image, i)])
         return sum(losses.values())
 
+    def batch(self, x):
+        if not hasattr(self.model, "per_image_losses"):  # another meta-arch: image by image
+            return torch.stack([self._seeded_single(x[i], i) for i in range(x.shape[0])])
+        inputs = [self._input(x[i], i) for i in range(x.shape[0])]
+        with frozen_norm_training_mode(self.model), EventStorage():
+            losses = self.model.per_image_losses(inputs, self.seeds)
+        return torch.stack([sum(d.values()) for d in losses])
+
+    def _seeded_single(self, image, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            return self.single(image, i)
+
 
 class _DenseObjective(_Objective):
     """Objectives on per-pixel semantic logits; they also serve SegPGD/CosPGD through
@@ -155,17 +199,51 @@ class _DenseObjective(_Objective):
 
     def logits_and_targets(self, x: torch.Tensor):
         with _eval_mode(self.model):
-            logits = torch.stack([_semantic_logits(self.model, x[i]) for i in range(x.shape[0])])
-        return logits, torch.stack([self.targets(i) for i in range(x.shape[0])])
+            logits = self._logits(x)
+        height, width = x.shape[-2:]
+        # a padded batch: pad logits with zeros and targets with the ignore label
+        logits = torch.stack(
+            [F.pad(l, (0, width - l.shape[-1], 0, height - l.shape[-2])) for l in logits]
+        )
+        targets = torch.stack(
+            [
+                F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=self.ignore_value)
+                for t in (self.targets(i) for i in range(x.shape[0]))
+            ]
+        )
+        return logits, targets
+
+    def _logits(self, x: torch.Tensor) -> List[torch.Tensor]:
+        crops = [self.crop(x[i], i) for i in range(x.shape[0])]
+        if self.batched:
+            return _semantic_logits(self.model, crops)
+        return [_semantic_logits(self.model, [c])[0] for c in crops]
 
     def single(self, image, i):
         with _eval_mode(self.model):
-            logits = _semantic_logits(self.model, image)
+            (logits,) = _semantic_logits(self.model, [self.crop(image, i)])
+        return self._cross_entropy(logits, i)
+
+    def batch(self, x):
+        with _eval_mode(self.model):
+            logits = self._logits(x)
+        return torch.stack([self._cross_entropy(l, i) for i, l in enumerate(logits)])
+
+    def _cross_entropy(self, logits, i):
         target = self.targets(i)
         valid = target != self.ignore_value
         if not valid.any():
             return logits.sum() * 0.0
         return F.cross_entropy(logits[None], target[None], ignore_index=self.ignore_value)
+
+
+def _clean_logits(model, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+    """Semantic logits of the clean images, image by image (targets fixed once)."""
+    with torch.no_grad(), _eval_mode(model):
+        return [
+            _semantic_logits(model, [x["image"].to(model.device).float()])[0]
+            for x in batched_inputs
+        ]
 
 
 @contextlib.contextmanager
@@ -185,20 +263,16 @@ class SemanticCEObjective(_DenseObjective):
     needs_ground_truth = True
 
     def targets(self, i):
-        return self.inputs[i]["sem_seg"].to(self.model.device)
+        return self.inputs[i]["sem_seg"]
 
 
 @_register("pseudo_label")
 class PseudoLabelObjective(_DenseObjective):
     """Label-free: cross-entropy against the model's own clean semantic prediction."""
 
-    def __init__(self, model, batched_inputs, seed=0):
-        super().__init__(model, batched_inputs, seed)
-        with torch.no_grad(), _eval_mode(self.model):
-            self._targets = [
-                _semantic_logits(self.model, x["image"].to(self.model.device).float()).argmax(0)
-                for x in batched_inputs
-            ]
+    def __init__(self, model, batched_inputs, seed=0, batched=False):
+        super().__init__(model, batched_inputs, seed, batched)
+        self._targets = [l.argmax(0) for l in _clean_logits(self.model, batched_inputs)]
 
     def targets(self, i):
         return self._targets[i]
@@ -212,19 +286,15 @@ class LeastLikelyObjective(_DenseObjective):
     class. Stuff, instance (Y + M) and unknown panoptic channels are all built from the semantic
     logits, so the panoptic output follows."""
 
-    def __init__(self, model, batched_inputs, seed=0):
-        super().__init__(model, batched_inputs, seed)
-        with torch.no_grad(), _eval_mode(self.model):
-            self._targets = [
-                _semantic_logits(self.model, x["image"].to(self.model.device).float()).argmin(0)
-                for x in batched_inputs
-            ]
+    def __init__(self, model, batched_inputs, seed=0, batched=False):
+        super().__init__(model, batched_inputs, seed, batched)
+        self._targets = [l.argmin(0) for l in _clean_logits(self.model, batched_inputs)]
 
     def targets(self, i):
         return self._targets[i]
 
-    def single(self, image, i):
-        return -super().single(image, i)
+    def _cross_entropy(self, logits, i):
+        return -super()._cross_entropy(logits, i)
 
     def logits_and_targets(self, x):
         raise TypeError("least_likely is a targeted objective; SegPGD/CosPGD are untargeted")
@@ -242,19 +312,27 @@ class PanopticObjective(_Objective):
     def single(self, image, i):
         with _eval_mode(self.model):
             raw = self.model.predict([self._input(image, i)], with_detector_masks=False)[0]
-        logits = raw["panoptic_logits"]
+        return self._cross_entropy(raw, i)
+
+    def batch(self, x):
+        inputs = [self._input(x[i], i) for i in range(x.shape[0])]
+        with _eval_mode(self.model):
+            raws = self.model.predict(inputs, with_detector_masks=False)
+        return torch.stack([self._cross_entropy(raw, i) for i, raw in enumerate(raws)])
+
+    def _cross_entropy(self, raw, i):
         target = self._target(raw, self.inputs[i])
-        return F.cross_entropy(logits[None], target[None], ignore_index=255)
+        return F.cross_entropy(raw["panoptic_logits"][None], target[None], ignore_index=255)
 
     def _target(self, raw, inputs):
         num_stuff = self.model.num_stuff
         h, w = raw["image_size"]
-        sem = inputs["sem_seg"].to(self.model.device)[:h, :w]
+        sem = inputs["sem_seg"][:h, :w]
         num_instances = len(raw["classes"])
         unknown = num_stuff + num_instances
         target = torch.where(sem < num_stuff, sem, torch.full_like(sem, 255))
         pred = raw["panoptic_logits"].detach().argmax(0)
-        gt = inputs["instances"].to(self.model.device)
+        gt = inputs["instances"]
         gt_masks = gt.gt_masks.tensor[:, :h, :w]
         for g in range(len(gt)):
             mask = gt_masks[g]
@@ -274,8 +352,41 @@ class PanopticObjective(_Objective):
         return target
 
 
-def build_objective(name: str, model: nn.Module, batched_inputs: List[Dict], seed: int = 0) -> Callable:
-    """Build the registered objective ``name`` for one batch.
+class AutocastObjective:
+    """Runs an objective under ``torch.autocast`` (mixed precision on the attack's forward and
+    backward); values and logits come back as float32, the input gradient has the input's
+    dtype. bfloat16 keeps float32's range, so sign-gradient attacks need no loss scaling;
+    float16 gradients can underflow to 0 (no step for those pixels) or overflow (reported as a
+    non-finite gradient)."""
+
+    def __init__(self, objective: Callable, device_type: str, dtype: torch.dtype):
+        self.objective = objective
+        self.device_type = device_type
+        self.dtype = dtype
+        if hasattr(objective, "logits_and_targets"):  # stay a DenseObjective for SegPGD/CosPGD
+            self.logits_and_targets = self._logits_and_targets
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            value = self.objective(x)
+        return value.float()
+
+    def _logits_and_targets(self, x: torch.Tensor):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            logits, targets = self.objective.logits_and_targets(x)
+        return logits.float(), targets
+
+    def __getattr__(self, name):  # required_objective, stats, ... of the wrapped objective
+        if name == "objective":
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+
+def build_objective(
+    name: str, model: nn.Module, batched_inputs: List[Dict], seed: int = 0, batched: bool = False
+) -> Callable:
+    """Build the registered objective ``name`` for one batch (``batched``: one model run per
+    call for the whole batch instead of one per image; same per-image values).
 
     Raises:
         KeyError: unknown name, listing the registered ones.
@@ -284,4 +395,5 @@ def build_objective(name: str, model: nn.Module, batched_inputs: List[Dict], see
     names = sorted(k for k, _ in OBJECTIVE_REGISTRY)
     if name not in names:
         raise KeyError(f"Unknown attack objective '{name}'. Registered objectives: {names}")
-    return OBJECTIVE_REGISTRY.get(name)(model, batched_inputs, seed=seed)
+    extra = {"batched": True} if batched else {}  # objectives registered elsewhere may lack it
+    return OBJECTIVE_REGISTRY.get(name)(model, batched_inputs, seed=seed, **extra)

@@ -11,7 +11,8 @@ _NUMPY_DTYPES = (torch.uint8, torch.float32, torch.float64)
 
 @torch.no_grad()
 def apply_defense_to_tensor(transform, images, input_format="BGR"):
-    """Run a defense on model-input tensors, image by image.
+    """Run a defense on model-input tensors, image by image (or, for a transform with an
+    ``defend_tensor`` fast path such as torch NL-means, on the whole batch on its device).
 
     Each image is moved to the CPU, laid out as (H, W, 3) BGR numpy (channels reversed when
     ``input_format`` is "RGB", since the defenses assume OpenCV's BGR order), passed to
@@ -41,6 +42,12 @@ def apply_defense_to_tensor(transform, images, input_format="BGR"):
     batch = images.unsqueeze(0) if single else images
     if batch.dim() != 4 or batch.shape[1] != 3:
         raise ValueError(f"Expected (N, 3, H, W) or (3, H, W) images, got {tuple(images.shape)}.")
+    tensor_path = getattr(transform, "defend_tensor", None)  # e.g. torch NL-means, on-device
+    if tensor_path is not None:
+        out = tensor_path(batch.detach(), input_format)
+        if out is not None:
+            out = out.to(device=images.device, dtype=images.dtype)
+            return out[0] if single else out
     x = batch.detach().cpu()
     if x.dtype not in _NUMPY_DTYPES:
         x = x.float()

@@ -78,6 +78,18 @@ class NLMeansTransform(DefenseTransform):
             raise ValueError(f"Unknown NL-means backend '{backend}'; use 'opencv' or 'torch'.")
         self._set_attributes(locals())
 
+    def defend_tensor(self, images: torch.Tensor, input_format: str = "BGR"):
+        """The torch backend's fast path: the whole (N, 3, H, W) batch on its own device (GPU
+        included), no numpy round trip. Returns None for the OpenCV backend (use
+        :meth:`apply_image`)."""
+        if self.backend != "torch":
+            return None
+        with torch.no_grad():
+            return nlmeans_torch(
+                images, self.h, self.h_color, self.template_window, self.search_window,
+                input_format=input_format,
+            )
+
     def apply_image(self, img: np.ndarray) -> np.ndarray:
         if self.backend == "torch":
             return _nlmeans_with_torch(img, self.h, self.h_color, self.template_window, self.search_window)

@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from ..attacks import build_attack
 from ..data import build_panoptic_mapper
 from ..evaluation import AdversarialInference, PanopticSemSegEvaluator
+from ..evaluation.sweep import amp_dtype
 from ..modeling import UPSNetCheckpointer
 
 __all__ = ["Trainer", "build_checkpointer"]
@@ -128,6 +129,8 @@ class Trainer(DefaultTrainer):
                         input_format=cfg.INPUT.FORMAT,
                         quantize=cfg.ROBUSTNESS.QUANTIZE,
                         seed=cfg.ROBUSTNESS.SEED,
+                        batch_size=cfg.ROBUSTNESS.BATCH_SIZE,
+                        amp_dtype=amp_dtype(cfg.ROBUSTNESS.AMP),
                     )
                     res = inference_on_dataset(wrapper, data_loader, evaluator)
                     if comm.is_main_process():

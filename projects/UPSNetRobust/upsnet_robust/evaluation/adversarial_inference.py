@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..attacks import NonFiniteGradientError
-from ..attacks.objectives import build_objective, image_seed
+from ..attacks.objectives import AutocastObjective, build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
 from ..defenses.bpda import DefenseAwareObjective
+from ..defenses.workers import DefenseWorkers
 
-__all__ = ["AdversarialInference", "FAILED_KEY"]
+__all__ = ["AdversarialInference", "FAILED_KEY", "pad_stack"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class AdversarialInference(nn.Module):
         surrogate: BPDA surrogate choice for the adaptive attack
             (:func:`upsnet_robust.defenses.surrogates.resolve_surrogates`; "auto" = defaults).
         eot_samples (int): EOT samples for a randomised adaptive defense (None/<= 0: default).
+        batch_size (int): images attacked together (one model run per attack step for all of
+            them, per-image eps-balls on a zero-padded batch); adaptive passes use 1.
+        defense_workers (DefenseWorkers): processes for CPU defenses, overlapping inference.
+        amp_dtype (torch.dtype): run the attack's forward/backward under ``torch.autocast``
+            with this dtype (mixed precision); None: full precision. Inference stays in float32.
     """
 
     def __init__(
@@ -78,8 +84,16 @@ class AdversarialInference(nn.Module):
         adaptive_defense: Optional[str] = None,
         surrogate="auto",
         eot_samples: Optional[int] = None,
+        batch_size: int = 1,
+        defense_workers: Optional[DefenseWorkers] = None,
+        amp_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.defense_workers = defense_workers
+        self.amp_dtype = amp_dtype
         self.model = model
         self.attack = attack
         self.objective = objective
@@ -109,15 +123,26 @@ class AdversarialInference(nn.Module):
         return next(self.model.parameters()).device
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
-        # Images are attacked one by one: per-image seeds and eps-balls, results independent of
-        # batch composition (so 1- and N-process runs agree), per-image failure isolation.
-        outputs = [self._process(x) for x in batched_inputs]
+        # Finished images come from the cache; the others are attacked ``batch_size`` at a time
+        # (an adaptive pass: one at a time). Per-image seeds, eps-balls and objective values make
+        # an image's result independent of its batch up to float summation order, so 1- and
+        # N-process runs agree; a failing image is isolated by redoing its batch image by image.
+        entries = [self._load_cached(x) for x in batched_inputs]
+        todo = [i for i, e in enumerate(entries) if e is None]
+        size = 1 if self.adaptive_defense is not None else self.batch_size
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            for i, entry in zip(chunk, self._compute_batch([batched_inputs[i] for i in chunk])):
+                self._store(batched_inputs[i], entry)
+                entries[i] = entry
+        self.records.extend(e["record"] for e in entries)
+        outputs = [e["outputs"] for e in entries]
         if len(self.defenses) == 1:
             only = next(iter(self.defenses))
             outputs = [o if FAILED_KEY in o else o[only] for o in outputs]
         return outputs
 
-    # ------------------------------------------------------------------ per image
+    # ------------------------------------------------------------------ cache
     def _cache_path(self, x: Dict) -> Optional[str]:
         if not self.cache_dir:
             return None
@@ -125,21 +150,21 @@ class AdversarialInference(nn.Module):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
         return os.path.join(self.cache_dir, f"{safe}.pt")
 
-    def _process(self, x: Dict) -> Dict:
+    def _load_cached(self, x: Dict) -> Optional[Dict]:
         path = self._cache_path(x)
         if path and os.path.isfile(path):
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            self.records.append(entry["record"])
-            return entry["outputs"]
-        entry = self._compute(x)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return None
+
+    def _store(self, x: Dict, entry: Dict) -> None:
+        path = self._cache_path(x)
         if path:
             tmp = path + ".tmp"
             torch.save(entry, tmp)
             os.replace(tmp, path)
-        self.records.append(entry["record"])
-        return entry["outputs"]
 
-    def _compute(self, x: Dict) -> Dict:
+    # ------------------------------------------------------------------ one batch
+    def _new_record(self, x: Dict) -> Dict:
         record = {
             "image_id": x.get("image_id"),
             "file_name": x.get("file_name"),
@@ -151,64 +176,137 @@ class AdversarialInference(nn.Module):
             # seconds of real defense forwards inside the attack (part of attack_s), and count
             record["attack_defense_s"] = 0.0
             record["attack_defense_calls"] = 0
-        if "error" in x:  # the mapper could not read the image (see RobustMapper)
-            record["failure"] = x["error"]
-            return {"outputs": {FAILED_KEY: x["error"]}, "record": record}
+        return record
 
+    @staticmethod
+    def _failed(record: Dict, reason: str) -> Dict:
+        record["failure"] = reason
+        return {"outputs": {FAILED_KEY: reason}, "record": record}
+
+    def _compute_batch(self, xs: List[Dict]) -> List[Dict]:
+        records = [self._new_record(x) for x in xs]
+        entries: List[Optional[Dict]] = [None] * len(xs)
+        for j, x in enumerate(xs):
+            if "error" in x:  # the mapper could not read the image (see RobustMapper)
+                entries[j] = self._failed(records[j], x["error"])
+        valid = [j for j, e in enumerate(entries) if e is None]
+        if not valid:
+            return entries
+        vx = [xs[j] for j in valid]
         device = self._device
-        clean = x["image"].to(device).float()
-        adv = clean
+        advs = [x["image"].to(device).float() for x in vx]
         if self.attack is not None:
-            name = getattr(self.attack, "required_objective", None) or self.objective
-            objective = build_objective(name, self.model, [x], seed=self.seed)
-            if self.adaptive_defense is not None:
-                objective = DefenseAwareObjective(
-                    objective,
-                    self.defenses[self.adaptive_defense],
-                    input_format=self.input_format,
-                    surrogate=self.surrogate,
-                    eot_samples=self.eot_samples,
-                    generator=np.random.default_rng(
-                        [image_seed(self.seed, x.get("image_id")), _EOT_STREAM]
-                    ),
-                )
-            if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
-                self.attack.manual_seed([image_seed(self.seed, x.get("image_id"))])
-            _sync(device)
-            start = time.perf_counter()
             try:
-                with torch.enable_grad():
-                    adv = self.attack.perturb(clean[None], objective)[0].detach()
+                advs, seconds, stats = self._attack(vx, advs)
             except NonFiniteGradientError as e:
+                if len(vx) > 1:  # find out which image(s): redo them one by one
+                    return [self._compute_batch([x])[0] for x in xs]
                 reason = f"non-finite gradient ({e})"
-                logger.warning("Skipping %s: %s", x.get("file_name"), reason)
-                record["failure"] = reason
-                return {"outputs": {FAILED_KEY: reason}, "record": record}
-            _sync(device)
-            record["attack_s"] = time.perf_counter() - start
-            if self.adaptive_defense is not None:
-                record["attack_defense_s"] = objective.stats["defense_s"]
-                record["attack_defense_calls"] = objective.stats["defense_calls"]
+                logger.warning("Skipping %s: %s", vx[0].get("file_name"), reason)
+                entries[valid[0]] = self._failed(records[valid[0]], reason)
+                return entries
+            for j in valid:
+                records[j]["attack_s"] = seconds / len(vx)  # the batch's time, shared evenly
+                records[j]["attack_batch_size"] = len(vx)
+                records[j].update(stats)
         if self.quantize:
-            adv = adv.round().clamp(0, 255)
+            advs = [a.round().clamp(0, 255) for a in advs]
+        outputs, defended = self._defend_and_infer(vx, advs, [records[j] for j in valid])
+        for k, j in enumerate(valid):
+            if self.on_image is not None:
+                self.on_image(vx[k], vx[k]["image"].to(device).float(), advs[k], defended[k], outputs[k])
+            entries[j] = {"outputs": outputs[k], "record": records[j]}
+        return entries
 
-        outputs, defended_images = {}, {}
+    def _attack(self, xs: List[Dict], images: List[torch.Tensor]):
+        """Attack a batch; returns per-image adversarial images, the batch's seconds and
+        adaptive-attack statistics."""
+        name = getattr(self.attack, "required_objective", None) or self.objective
+        objective = build_objective(name, self.model, xs, seed=self.seed, batched=len(xs) > 1)
+        if self.adaptive_defense is not None:  # one image at a time (see forward)
+            objective = DefenseAwareObjective(
+                objective,
+                self.defenses[self.adaptive_defense],
+                input_format=self.input_format,
+                surrogate=self.surrogate,
+                eot_samples=self.eot_samples,
+                generator=np.random.default_rng(
+                    [image_seed(self.seed, xs[0].get("image_id")), _EOT_STREAM]
+                ),
+            )
+        if self.amp_dtype is not None:
+            objective = AutocastObjective(objective, self._device.type, self.amp_dtype)
+        if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
+            self.attack.manual_seed([image_seed(self.seed, x.get("image_id")) for x in xs])
+        batch = pad_stack(images)
+        device = self._device
+        _sync(device)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            adv = self.attack.perturb(batch, objective).detach()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        stats = {}
+        if self.adaptive_defense is not None:
+            stats = {
+                "attack_defense_s": objective.stats["defense_s"],
+                "attack_defense_calls": objective.stats["defense_calls"],
+            }
+        return [adv[j, :, : im.shape[-2], : im.shape[-1]] for j, im in enumerate(images)], seconds, stats
+
+    def _defend_and_infer(self, xs: List[Dict], advs: List[torch.Tensor], records: List[Dict]):
+        """Every defense on the same adversarial images, then one batched inference per
+        defense. With worker processes, all CPU defense jobs start first, so they run while
+        the model infers the variants already available."""
+        device = self._device
+        futures = {}
+        if self.defense_workers is not None:
+            for name, transform in self.defenses.items():
+                if self.defense_workers.accepts(transform):
+                    futures[name] = [
+                        self.defense_workers.submit(transform, a, self.input_format) for a in advs
+                    ]
+        outputs = [{} for _ in xs]
+        defended = [{} for _ in xs]
         for name, transform in self.defenses.items():
-            image = adv
-            if transform is not None:
-                _sync(device)
-                start = time.perf_counter()
-                image = apply_defense_to_tensor(transform, adv[None], self.input_format)[0]
-                _sync(device)
-                record["defense_s"][name] = time.perf_counter() - start
-            defended_images[name] = image
+            if transform is None:
+                images = advs
+            elif name in futures:
+                images = []
+                for record, future in zip(records, futures[name]):
+                    image, seconds = future.result()
+                    images.append(image.to(device))
+                    record["defense_s"][name] = seconds
+            else:
+                images = []
+                for record, a in zip(records, advs):
+                    _sync(device)
+                    start = time.perf_counter()
+                    images.append(apply_defense_to_tensor(transform, a[None], self.input_format)[0])
+                    _sync(device)
+                    record["defense_s"][name] = time.perf_counter() - start
             with torch.no_grad():
-                out = self.model([dict(x, image=image)])[0]
-            # Cached entries keep only the panoptic result (loadable with weights_only=True).
-            outputs[name] = {"panoptic_seg": _to_cpu(out["panoptic_seg"])} if self.cache_dir else out
-        if self.on_image is not None:
-            self.on_image(x, clean, adv, defended_images, outputs)
-        return {"outputs": outputs, "record": record}
+                outs = self.model([dict(x, image=image) for x, image in zip(xs, images)])
+            for k, out in enumerate(outs):
+                defended[k][name] = images[k]
+                # Cached entries keep only the panoptic result (loadable with weights_only=True).
+                outputs[k][name] = (
+                    {"panoptic_seg": _to_cpu(out["panoptic_seg"])} if self.cache_dir else out
+                )
+        return outputs, defended
+
+
+def pad_stack(images: List[torch.Tensor]) -> torch.Tensor:
+    """(3, h_i, w_i) images as one (N, 3, H, W) batch, zero-padded at the bottom/right to the
+    largest size (objectives crop each image back, so padding gets no gradient)."""
+    height = max(im.shape[-2] for im in images)
+    width = max(im.shape[-1] for im in images)
+    if all(im.shape[-2:] == (height, width) for im in images):
+        return torch.stack(images)
+    batch = images[0].new_zeros((len(images), 3, height, width))
+    for j, im in enumerate(images):
+        batch[j, :, : im.shape[-2], : im.shape[-1]] = im
+    return batch
 
 
 def _to_cpu(panoptic_seg):

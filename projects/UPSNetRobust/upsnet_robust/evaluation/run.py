@@ -60,6 +60,8 @@ def run_robustness_sweep(cfg, model, config_file: str = ""):
         dict with ``cells`` and the report ``paths`` on the main process, else None.
     """
     output_dir = cfg.OUTPUT_DIR
+    if cfg.ROBUSTNESS.CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
     sweep = RobustnessSweep(
         cfg, model, cfg.MODEL.WEIGHTS, output_dir, on_example=_example_writer(cfg, output_dir)
     )
@@ -71,7 +73,10 @@ def run_robustness_sweep(cfg, model, config_file: str = ""):
         "weights": cfg.MODEL.WEIGHTS,
         "dataset": cfg.DATASETS.TEST[0],
         "hardware": hardware_description(cfg.MODEL.DEVICE),
-        "batch_size": 1,
+        "batch_size": cfg.ROBUSTNESS.BATCH_SIZE,
+        "defense_workers": cfg.ROBUSTNESS.DEFENSE_WORKERS,
+        "amp": cfg.ROBUSTNESS.AMP or "off",
+        "channels_last": cfg.ROBUSTNESS.CHANNELS_LAST,
         "input_format": cfg.INPUT.FORMAT,
         "objective": cfg.ROBUSTNESS.OBJECTIVE,
         "seed": cfg.ROBUSTNESS.SEED,

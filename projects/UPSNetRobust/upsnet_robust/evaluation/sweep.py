@@ -29,6 +29,7 @@ from ..attacks import build_attack
 from ..data import build_panoptic_mapper
 from ..defenses import build_defense_from_cfg
 from ..defenses.bpda import describe_surrogates, eot_samples_for
+from ..defenses.workers import DefenseWorkers
 from .adversarial_inference import AdversarialInference
 from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
 from .robust_mapper import RobustMapper
@@ -112,6 +113,10 @@ class RobustnessSweep:
         self.model = model
         self.output_dir = output_dir
         self.on_example = on_example
+        self._defense_workers = None
+        if cfg.ROBUSTNESS.BATCH_SIZE < 1:
+            raise ValueError(f"ROBUSTNESS.BATCH_SIZE must be >= 1, got {cfg.ROBUSTNESS.BATCH_SIZE}")
+        amp_dtype(cfg.ROBUSTNESS.AMP)  # fail now on a bad value
         self.dataset_name = cfg.DATASETS.TEST[0]
         self.cache_root = os.path.join(output_dir, "robustness_cache", fingerprint(cfg, weights))
         self.defense_names = list(OrderedDict.fromkeys(["none"] + list(cfg.ROBUSTNESS.DEFENSES)))
@@ -133,7 +138,10 @@ class RobustnessSweep:
     def _loader(self):
         mapper = RobustMapper(build_panoptic_mapper(self.cfg, is_train=False))
         return build_detection_test_loader(
-            self._dataset(), mapper=mapper, num_workers=self.cfg.DATALOADER.NUM_WORKERS
+            self._dataset(),
+            mapper=mapper,
+            batch_size=self.cfg.ROBUSTNESS.BATCH_SIZE,
+            num_workers=self.cfg.DATALOADER.NUM_WORKERS,
         )
 
     # ------------------------------------------------------------------ passes
@@ -164,6 +172,8 @@ class RobustnessSweep:
             "defense_cfg": self.cfg.DEFENSE.dump(),
             "images": r.MAX_IMAGES,
         }
+        if r.AMP:  # only when on: full-precision passes keep their earlier keys (and caches)
+            desc["amp"] = r.AMP
         if adaptive:
             # Only adaptive passes carry these keys: defense-unaware passes keep their old keys
             # (and caches). EOT masks derive from the seed, part of desc already.
@@ -179,6 +189,17 @@ class RobustnessSweep:
         return getattr(attack, "required_objective", None) or self.cfg.ROBUSTNESS.OBJECTIVE
 
     def run(self) -> List[Dict]:
+        workers = self.cfg.ROBUSTNESS.DEFENSE_WORKERS
+        needs = any(DefenseWorkers.accepts(t) for t in self.defenses.values())
+        self._defense_workers = DefenseWorkers(workers) if workers > 0 and needs else None
+        try:
+            return self._run_passes()
+        finally:
+            if self._defense_workers is not None:
+                self._defense_workers.close()
+                self._defense_workers = None
+
+    def _run_passes(self) -> List[Dict]:
         cells = []
         passes = sweep_passes(self.cfg)
         for index, spec in enumerate(passes):
@@ -216,6 +237,9 @@ class RobustnessSweep:
             adaptive_defense=adaptive,
             surrogate=r.BPDA_SURROGATE,
             eot_samples=r.EOT_SAMPLES,
+            batch_size=r.BATCH_SIZE,
+            defense_workers=self._defense_workers,
+            amp_dtype=amp_dtype(r.AMP),
         )
         evaluator = MultiVariantEvaluator(
             {d: PanopticSubsetEvaluator(self.dataset_name) for d in defense_names}
@@ -284,6 +308,18 @@ class RobustnessSweep:
                 )
             cells.append(cell)
         return cells
+
+
+_AMP_DTYPES = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(name: str) -> Optional[torch.dtype]:
+    """The autocast dtype named by ROBUSTNESS.AMP ("" -> None)."""
+    if name not in _AMP_DTYPES:
+        raise ValueError(
+            f"ROBUSTNESS.AMP must be one of {sorted(_AMP_DTYPES)} ('' = off), got {name!r}"
+        )
+    return _AMP_DTYPES[name]
 
 
 def _mean(values) -> float:

@@ -7,7 +7,7 @@ block input gradients). Only discrete decisions (proposals, box positions, which
 kept) carry no gradient, as in any detector.
 """
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,13 +131,47 @@ class UPSNet(GeneralizedRCNN):
         """
         if not self.training:
             return self.inference(batched_inputs)
-        for key in ("instances", "sem_seg"):
-            if key not in batched_inputs[0]:
-                raise KeyError(
-                    f"UPSNet training needs '{key}' in every input dict; use the "
-                    "'upsnet_panoptic' dataset mapper (INPUT.DATASET_MAPPER_NAME)"
-                )
+        _check_training_inputs(batched_inputs)
         images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        sem_logits = self.sem_seg_head.layers(features)
+        return self._losses(images, features, sem_logits, batched_inputs)
+
+    def per_image_losses(
+        self, batched_inputs: List[Dict[str, torch.Tensor]], seeds: Optional[List[int]] = None
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Each image's training losses on its own, with the backbone and semantic subnet run
+        once on the whole batch.
+
+        The batched fast path of loss-based attacks: the dense, expensive part sees the batch;
+        the sampling heads (RPN, ROI, panoptic instance subset) run per image, under
+        ``torch.manual_seed(seeds[i])`` when seeds are given (the caller's RNG state is
+        restored). For images of equal size the result equals ``forward([x])`` per image with
+        the same seed, up to float summation order; smaller images of a mixed batch see extra
+        zero padding at their bottom/right border, like in any detectron2 batch.
+
+        Returns:
+            list[dict]: per image, the loss dict :meth:`forward` returns in training.
+        """
+        assert self.training, "per_image_losses needs training mode (losses)"
+        _check_training_inputs(batched_inputs)
+        if seeds is not None and len(seeds) != len(batched_inputs):
+            raise ValueError(f"{len(seeds)} seeds for {len(batched_inputs)} images")
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        sem_logits = self.sem_seg_head.layers(features)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            one = ImageList(images.tensor[i : i + 1], [images.image_sizes[i]])
+            feats = {k: v[i : i + 1] for k, v in features.items()}
+            with torch.random.fork_rng(devices=[]):
+                if seeds is not None:
+                    torch.manual_seed(int(seeds[i]))
+                results.append(self._losses(one, feats, sem_logits[i : i + 1], [x]))
+        return results
+
+    def _losses(self, images: ImageList, features, sem_logits, batched_inputs) -> Dict:
+        """Training losses given the batch's features and 1/4-resolution semantic logits."""
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         sem_targets = ImageList.from_tensors(
             [self._move_to_current_device(x["sem_seg"]) for x in batched_inputs],
@@ -145,8 +179,14 @@ class UPSNet(GeneralizedRCNN):
             pad_value=self.sem_seg_head.ignore_value,
             padding_constraints=self.backbone.padding_constraints,
         ).tensor
-        features = self.backbone(images.tensor)
-        sem_logits, losses = self.sem_seg_head(features, sem_targets)
+        # pad the labels to the image tensor (a batch padded wider than this image's own labels)
+        pad_h = images.tensor.shape[-2] - sem_targets.shape[-2]
+        pad_w = images.tensor.shape[-1] - sem_targets.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            sem_targets = F.pad(
+                sem_targets, (0, pad_w, 0, pad_h), value=self.sem_seg_head.ignore_value
+            )
+        losses = self.sem_seg_head.losses(sem_logits, sem_targets)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         losses.update(proposal_losses)
@@ -328,3 +368,14 @@ class UPSNet(GeneralizedRCNN):
             "instances": detector_postprocess(raw["detections"], height, width),
             "panoptic_seg": (ids, segments),
         }
+
+
+def _check_training_inputs(batched_inputs: List[Dict]) -> None:
+    for key in ("instances", "sem_seg"):
+        for x in batched_inputs:
+            if key not in x:
+                raise KeyError(
+                    f"UPSNet training needs '{key}' in every input dict (missing for "
+                    f"{x.get('file_name', 'an input')}); use the 'upsnet_panoptic' dataset "
+                    "mapper (INPUT.DATASET_MAPPER_NAME)"
+                )

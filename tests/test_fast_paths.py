@@ -1,0 +1,261 @@
+# Copyright (c) UPSNetRobust authors.
+"""The fast paths of the performance issue give the same answers as the plain paths: batched
+objectives and attacks (padded batches, per-image eps-balls), defense worker processes, the
+torch NL-means batch path, mixed precision and channels-last."""
+import os
+from collections import OrderedDict
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, make_panoptic_input, tiny_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from upsnet_robust.attacks import IFGSM, PGD
+from upsnet_robust.attacks.objectives import (
+    OBJECTIVE_REGISTRY,
+    AutocastObjective,
+    build_objective,
+    frozen_norm_training_mode,
+)
+from upsnet_robust.data import build_panoptic_mapper
+from upsnet_robust.defenses import apply_defense_to_tensor, build_defense
+from upsnet_robust.defenses.workers import DefenseWorkers
+from upsnet_robust.evaluation import FAILED_KEY, AdversarialInference
+from upsnet_robust.evaluation.adversarial_inference import pad_stack
+from upsnet_robust.evaluation.sweep import amp_dtype
+
+SHIPPED = os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth")
+OBJECTIVES = ("train_losses", "semantic_ce", "panoptic", "least_likely", "pseudo_label")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The shipped trained tiny model when present (real detections), else a seeded one."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "20")
+    net = build_model(cfg)
+    if os.path.isfile(SHIPPED):
+        from upsnet_robust.engine import build_checkpointer
+
+        build_checkpointer(cfg, net).load(SHIPPED)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def val_inputs(synthetic_cityscapes_names):
+    cfg = tiny_cfg()
+    mapper = build_panoptic_mapper(cfg, is_train=False)
+    return [mapper(d) for d in DatasetCatalog.get(synthetic_cityscapes_names["val"])[:2]]
+
+
+def _batch(inputs):
+    return torch.stack([x["image"].float() for x in inputs])
+
+
+# ----------------------------------------------------------------------------- objectives
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_batched_objective_equals_image_by_image(model, val_inputs, name):
+    x = _batch(val_inputs)
+    plain = build_objective(name, model, val_inputs, seed=5)
+    batched = build_objective(name, model, val_inputs, seed=5, batched=True)
+    v_plain, v_batched = plain(x), batched(x)
+    assert v_batched.shape == (2,)
+    torch.testing.assert_close(v_batched, v_plain, rtol=1e-4, atol=1e-5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(plain(xa).sum(), xa)
+    (gb,) = torch.autograd.grad(batched(xb).sum(), xb)
+    # the sign step is what the attacks use: it agrees wherever the gradient is not ~0
+    big = ga.abs() > 1e-3 * ga.abs().max()
+    assert (torch.sign(ga)[big] == torch.sign(gb)[big]).float().mean() > 0.999
+    assert not model.training
+
+
+def test_per_image_losses_match_forward_and_restore_rng(model, val_inputs):
+    seeds = [11, 12]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with frozen_norm_training_mode(model):
+        from detectron2.utils.events import EventStorage
+
+        with EventStorage():
+            batched = model.per_image_losses(val_inputs, seeds)
+            assert torch.equal(torch.rand(3), expected_next)  # caller's RNG state untouched
+            singles = []
+            for x, s in zip(val_inputs, seeds):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(s)
+                    singles.append(model([x]))
+    for b, s in zip(batched, singles):
+        assert b.keys() == s.keys()
+        for k in s:
+            torch.testing.assert_close(b[k], s[k], rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(ValueError, match="seeds"):
+        with frozen_norm_training_mode(model):
+            model.per_image_losses(val_inputs, [1])
+
+
+def test_padded_batch_objective_crops_each_image(model):
+    small = make_panoptic_input(64, 96, seed=1)
+    large = make_panoptic_input(96, 128, seed=2)
+    batch = pad_stack([small["image"].float(), large["image"].float()])
+    assert batch.shape == (2, 3, 96, 128) and batch[0, :, 64:].abs().sum() == 0
+    for name in ("semantic_ce", "train_losses"):
+        objective = build_objective(name, model, [small, large], seed=1, batched=True)
+        xb = batch.clone().requires_grad_()
+        value = objective(xb)
+        (grad,) = torch.autograd.grad(value.sum(), xb)
+        assert torch.isfinite(value).all()
+        assert grad[0, :, 64:].abs().sum() == 0 and grad[0, :, :, 96:].abs().sum() == 0  # padding
+        assert grad[0, :, :64, :96].abs().sum() > 0
+        # the larger image has no padding: its value equals its own image-by-image value
+        alone = build_objective(name, model, [large], seed=1)(large["image"].float()[None])
+        torch.testing.assert_close(value[1], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_objective_returns_float32_close_to_full_precision(model, val_inputs):
+    x = _batch(val_inputs)
+    plain = build_objective("semantic_ce", model, val_inputs, batched=True)
+    amp = AutocastObjective(plain, "cpu", torch.bfloat16)
+    value = amp(x)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, plain(x), rtol=5e-2, atol=5e-2)
+    assert not torch.equal(value, plain(x))  # bfloat16 really ran
+    logits, targets = amp.logits_and_targets(x)
+    assert logits.dtype == torch.float32 and targets.shape == (2,) + x.shape[-2:]
+    assert not hasattr(AutocastObjective(build_objective("train_losses", model, val_inputs), "cpu", torch.bfloat16), "logits_and_targets")
+    assert amp_dtype("") is None and amp_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="ROBUSTNESS.AMP"):
+        amp_dtype("fp8")
+
+
+# ----------------------------------------------------------------------------- the hook
+def _run_hook(model, inputs, **kwargs):
+    seen = {}
+
+    def on_image(x, clean, adv, defended, outputs):
+        seen[x["image_id"]] = (clean, adv, defended)
+
+    wrapper = AdversarialInference(model, on_image=on_image, **kwargs)
+    with torch.no_grad():  # like inference_on_dataset
+        outputs = wrapper(inputs)
+    return wrapper, outputs, seen
+
+
+@pytest.mark.parametrize("objective,eps", [("semantic_ce", 4.0), ("panoptic", 4.0), ("train_losses", 1.0)])
+def test_batched_hook_matches_image_by_image(model, val_inputs, objective, eps):
+    # Batching changes only float summation order. Dense objectives follow it smoothly; with
+    # train_losses, RPN/ROI sampling decisions can flip on such differences after a few steps
+    # (a chaotic, not a systematic, difference), so it is compared over a short attack.
+    common = dict(objective=objective, defenses=OrderedDict(none=None), seed=3)
+    _, out1, seen1 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=1, **common)
+    wrapper, out2, seen2 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=2, **common)
+    assert [r["attack_batch_size"] for r in wrapper.records] == [2, 2]
+    for x in val_inputs:
+        clean, a1, _ = seen1[x["image_id"]]
+        _, a2, _ = seen2[x["image_id"]]
+        assert (a2 - clean).abs().max() <= eps + 1e-4 and a2.min() >= 0 and a2.max() <= 255
+        assert (a2 != clean).float().mean() > 0.5
+        assert (a1 == a2).float().mean() > 0.97
+    agree = [
+        (o1["panoptic_seg"][0] == o2["panoptic_seg"][0]).float().mean() for o1, o2 in zip(out1, out2)
+    ]
+    assert min(agree) > 0.97
+
+
+def test_padded_batch_hook_keeps_sizes_and_eps_balls(model):
+    inputs = [
+        dict(make_panoptic_input(64, 96, seed=1), image_id="a"),
+        dict(make_panoptic_input(96, 128, seed=2), image_id="b"),
+    ]
+    wrapper, outputs, seen = _run_hook(
+        model, inputs, attack=PGD(2.0, num_steps=2, random_start=True), objective="semantic_ce",
+        batch_size=2,
+    )
+    for x, out in zip(inputs, outputs):
+        clean, adv, _ = seen[x["image_id"]]
+        assert adv.shape == x["image"].shape
+        assert out["panoptic_seg"][0].shape == x["image"].shape[-2:]
+        delta = (adv - clean).abs()
+        assert delta.max() <= 2.0 + 1e-4 and delta.mean() > 0.5
+
+
+def _nan_for_image_b():
+    name = "pytest_nan_for_b"
+    if name not in OBJECTIVE_REGISTRY:
+
+        class NanForB:
+            registered_name = name
+
+            def __init__(self, model, batched_inputs, seed=0, batched=False):
+                self.bad = torch.tensor([x["image_id"] == "b" for x in batched_inputs])
+
+            def __call__(self, x):
+                factor = torch.where(self.bad, float("nan"), 1.0)
+                return x.flatten(1).mean(1) * factor
+
+        OBJECTIVE_REGISTRY._do_register(name, NanForB)
+    return name
+
+
+def test_batch_failure_is_isolated_to_its_image(model):
+    inputs = [dict(make_panoptic_input(seed=i), image_id=k) for i, k in enumerate("abc")]
+    wrapper, outputs, _ = _run_hook(
+        model, inputs, attack=IFGSM(2.0), objective=_nan_for_image_b(), batch_size=3
+    )
+    assert [FAILED_KEY in o for o in outputs] == [False, True, False]
+    assert "non-finite gradient" in wrapper.records[1]["failure"]
+    assert wrapper.records[0]["failure"] is None and wrapper.records[0]["attack_s"] > 0
+
+
+def test_defense_workers_give_the_in_process_result(model, val_inputs):
+    defenses = OrderedDict(none=None, nlmeans=build_defense("nlmeans", search_window=11), median=build_defense("median"))
+    _, out_local, seen_local = _run_hook(model, val_inputs, attack=None, defenses=defenses, batch_size=2)
+    with DefenseWorkers(2) as workers:
+        assert DefenseWorkers.accepts(defenses["nlmeans"])
+        assert not DefenseWorkers.accepts(build_defense("nlmeans", backend="torch"))
+        wrapper, out_pool, seen_pool = _run_hook(
+            model, val_inputs, attack=None, defenses=defenses, batch_size=2, defense_workers=workers
+        )
+    for x, o_local, o_pool in zip(val_inputs, out_local, out_pool):
+        d_local, d_pool = seen_local[x["image_id"]][2], seen_pool[x["image_id"]][2]
+        for name in ("nlmeans", "median"):
+            assert torch.equal(d_local[name], d_pool[name]), name
+            assert torch.equal(o_local[name]["panoptic_seg"][0], o_pool[name]["panoptic_seg"][0])
+        expected = cv2.fastNlMeansDenoisingColored(
+            x["image"].permute(1, 2, 0).numpy(), None, 10, 10, 7, 11
+        )
+        assert np.array_equal(d_pool["nlmeans"].permute(1, 2, 0).to(torch.uint8).numpy(), expected)
+    assert all(r["defense_s"]["nlmeans"] > 0 for r in wrapper.records)
+    with pytest.raises(ValueError, match="num_workers"):
+        DefenseWorkers(0)
+
+
+def test_torch_nlmeans_batch_path_equals_opencv_per_image():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 3, 40, 56, generator=g) * 255).round()
+    transform = build_defense("nlmeans", search_window=11, backend="torch")
+    out = apply_defense_to_tensor(transform, images, "BGR")
+    assert out.shape == images.shape and out.dtype == images.dtype
+    for img, res in zip(images, out):
+        hwc = img.permute(1, 2, 0).to(torch.uint8).numpy()
+        expected = cv2.fastNlMeansDenoisingColored(hwc, None, 10, 10, 7, 11)
+        assert np.array_equal(res.permute(1, 2, 0).to(torch.uint8).numpy(), expected)
+
+
+def test_channels_last_model_predicts_the_same(val_inputs):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    net = build_model(cfg).eval()
+    if os.path.isfile(SHIPPED):
+        from upsnet_robust.engine import build_checkpointer
+
+        build_checkpointer(cfg, net).load(SHIPPED)
+    with torch.no_grad():
+        before = net.predict(val_inputs[:1], with_detector_masks=False)[0]["sem_logits"]
+        net.to(memory_format=torch.channels_last)
+        assert net.backbone.bottom_up.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        after = net.predict(val_inputs[:1], with_detector_masks=False)[0]["sem_logits"]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
