@@ -513,3 +513,26 @@ def test_trained_model_adaptive_attacks_reach_lower_pq_than_defense_unaware(
     gains = {d: pq[(d, False)] - pq[(d, True)] for d in ("gaussian", "median", "tvm")}
     assert all(g >= -PQ_TOLERANCE for g in gains.values()), gains  # never weaker than transfer
     assert max(gains.values()) > 1.0, gains  # and clearly stronger somewhere
+
+
+def test_nlmeans_exact_surrogate_is_opencv_forward_with_the_filters_gradient():
+    import cv2
+
+    from upsnet_robust.defenses import nlmeans_torch
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(1, 3, 24, 32, generator=g) * 255).round()
+    t = build_defense("nlmeans", search_window=9)
+    sur = build_surrogate("nlmeans_exact", t)
+    assert sur.params() == {"h": 10.0, "h_color": 10.0, "template_window": 7, "search_window": 9}
+    y = sur(x)
+    expected = cv2.fastNlMeansDenoisingColored(x[0].permute(1, 2, 0).to(torch.uint8).numpy(), None, 10, 10, 7, 9)
+    assert np.array_equal(y[0].permute(1, 2, 0).to(torch.uint8).numpy(), expected)
+    grad = torch.randn(x.shape, generator=g)
+    vjp = sur.vjp(x, grad)
+    xs = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(nlmeans_torch(xs, 10, 10, 7, 9), xs, grad)
+    torch.testing.assert_close(vjp, ref)
+    assert not torch.allclose(vjp, grad)  # not the identity: the filter's own Jacobian
+    with pytest.raises(ValueError, match="nlmeans_exact"):
+        build_surrogate("nlmeans_exact", build_defense("median"))

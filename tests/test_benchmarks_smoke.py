@@ -19,6 +19,7 @@ MODULES = [
     "bench_defenses",
     "bench_pq_eval",
     "bench_scale",
+    "bench_fast_paths",
     "run_all",
 ]
 

@@ -43,6 +43,12 @@ defense (:data:`DEFAULT_SURROGATES`):
     :data:`SOFT_MEDIAN_TEMPERATURE`) spreads the gradient over the pixels whose value is close
     to the median, i.e. those that can take over the median under a small perturbation, where
     the exact subgradient would leave most pixels with a zero gradient (and a zero sign step).
+``nlmeans_exact``  (opt-in for NL-means: ``BPDA_SURROGATE nlmeans:nlmeans_exact``)
+    :func:`.torch_nlmeans.nlmeans_torch` with the defense's h, hColor and windows: its forward
+    equals OpenCV's output bit for bit and its backward is the filter's own gradient (the
+    patch-similarity weights included), straight-through only over OpenCV's integer roundings.
+    The tightest NL-means surrogate here, but each VJP costs a forward and a backward of the
+    filter (seconds per step on a CPU at Cityscapes size), so identity stays the default.
 ``gaussian``  (Gaussian blur)
     The blur itself, re-implemented in torch with OpenCV's kernel
     (``cv2.getGaussianKernel(2 int(truncate sigma + 0.5) + 1, sigma)``), separable, with
@@ -479,6 +485,44 @@ class GaussianSurrogate(Surrogate):
 
     def params(self):
         return {"sigma": self.sigma, "truncate": self.truncate}
+
+
+@_register("nlmeans_exact")
+class NLMeansExactSurrogate(Surrogate):
+    """The differentiable torch port of the NL-means defense (exact forward, see module doc)."""
+
+    def __init__(self, transform=None, h=None, h_color=None, template_window=None, search_window=None):
+        super().__init__(transform)
+        self.h = float(h if h is not None else _param(transform, "h", None, self.name))
+        self.h_color = float(
+            h_color if h_color is not None else _param(transform, "h_color", None, self.name)
+        )
+        self.template_window = int(
+            template_window
+            if template_window is not None
+            else _param(transform, "template_window", None, self.name)
+        )
+        self.search_window = int(
+            search_window
+            if search_window is not None
+            else _param(transform, "search_window", None, self.name)
+        )
+
+    def __call__(self, x, input_format="BGR"):
+        from .torch_nlmeans import nlmeans_torch
+
+        return nlmeans_torch(
+            x, self.h, self.h_color, self.template_window, self.search_window,
+            input_format=input_format,
+        )
+
+    def params(self):
+        return {
+            "h": self.h,
+            "h_color": self.h_color,
+            "template_window": self.template_window,
+            "search_window": self.search_window,
+        }
 
 
 # ------------------------------------------------------------------------------------------------
