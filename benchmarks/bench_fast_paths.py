@@ -237,13 +237,8 @@ def print_report(result: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    """Parse ``argv``, run, write ``benchmarks/results/<name>.json`` and print the tables."""
-    args = get_parser().parse_args(argv)
-    result = run(args)
-    path = bu.write_result(NAME, result, args.output)
-    print_report(result)
-    print(f"Wrote {path}")
-    return result
+    """Parse ``argv``, run, write ``benchmarks/results/<name>.json`` and print the report."""
+    return bu.bench_main(NAME, get_parser, run, print_report, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 __all__ = [
+    "bench_main",
     "REPO_ROOT",
     "RESULTS_DIR",
     "TINY_CONFIG",
@@ -390,6 +391,16 @@ def write_result(name: str, payload: Dict, path: Optional[str] = None) -> str:
         json.dump(_strict(payload), f, indent=2, default=str)
     os.replace(tmp, path)
     return path
+
+
+def bench_main(name: str, get_parser: Callable, run: Callable, print_report: Callable, argv=None) -> Dict:
+    """A benchmark's ``main``: parse ``argv``, run, write ``results/<name>.json``, print."""
+    args = get_parser().parse_args(argv)
+    result = run(args)
+    path = write_result(name, result, args.output)
+    print_report(result)
+    print(f"Wrote {path}")
+    return result
 
 
 def _strict(obj):

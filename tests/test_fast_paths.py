@@ -259,3 +259,13 @@ def test_channels_last_model_predicts_the_same(val_inputs):
         assert net.backbone.bottom_up.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         after = net.predict(val_inputs[:1], with_detector_masks=False)[0]["sem_logits"]
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_panoptic_only_inference_gives_the_same_panoptic_result(model, val_inputs):
+    common = dict(attack=None, defenses=OrderedDict(none=None), batch_size=2)
+    _, full, _ = _run_hook(model, val_inputs, **common)
+    _, lean, _ = _run_hook(model, val_inputs, panoptic_only=True, **common)
+    for f, l in zip(full, lean):
+        assert "instances" in f and set(l) == {"panoptic_seg"}
+        assert torch.equal(f["panoptic_seg"][0], l["panoptic_seg"][0])
+        assert f["panoptic_seg"][1] == l["panoptic_seg"][1]

@@ -12,6 +12,7 @@ With ``adaptive_defense`` set, the attack is defense-aware: its objective is wra
 :class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks ``model o defense``
 (BPDA through the real defense, EOT over the masks of a randomised one) instead of the model.
 """
+import inspect
 import logging
 import os
 import time
@@ -68,6 +69,9 @@ class AdversarialInference(nn.Module):
         defense_workers (DefenseWorkers): processes for CPU defenses, overlapping inference.
         amp_dtype (torch.dtype): run the attack's forward/backward under ``torch.autocast``
             with this dtype (mixed precision); None: full precision. Inference stays in float32.
+        panoptic_only (bool): infer only ``panoptic_seg`` (a model whose ``inference`` takes
+            ``panoptic_only``, like UPSNet: no mask head on the final detections, no semantic
+            resize); for PQ-only sweeps. Other evaluators need the full outputs.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class AdversarialInference(nn.Module):
         batch_size: int = 1,
         defense_workers: Optional[DefenseWorkers] = None,
         amp_dtype: Optional[torch.dtype] = None,
+        panoptic_only: bool = False,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -94,6 +99,7 @@ class AdversarialInference(nn.Module):
         self.batch_size = int(batch_size)
         self.defense_workers = defense_workers
         self.amp_dtype = amp_dtype
+        self.panoptic_only = panoptic_only
         self.model = model
         self.attack = attack
         self.objective = objective
@@ -286,7 +292,7 @@ class AdversarialInference(nn.Module):
                     _sync(device)
                     record["defense_s"][name] = time.perf_counter() - start
             with torch.no_grad():
-                outs = self.model([dict(x, image=image) for x, image in zip(xs, images)])
+                outs = self._infer([dict(x, image=image) for x, image in zip(xs, images)])
             for k, out in enumerate(outs):
                 defended[k][name] = images[k]
                 # Cached entries keep only the panoptic result (loadable with weights_only=True).
@@ -294,6 +300,13 @@ class AdversarialInference(nn.Module):
                     {"panoptic_seg": _to_cpu(out["panoptic_seg"])} if self.cache_dir else out
                 )
         return outputs, defended
+
+
+    def _infer(self, inputs: List[Dict]) -> List[Dict]:
+        model = getattr(self.model, "module", self.model)
+        if self.panoptic_only and "panoptic_only" in inspect.signature(model.inference).parameters:
+            return model.inference(inputs, panoptic_only=True)
+        return self.model(inputs)
 
 
 def pad_stack(images: List[torch.Tensor]) -> torch.Tensor:

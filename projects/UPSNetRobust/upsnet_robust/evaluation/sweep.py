@@ -240,6 +240,7 @@ class RobustnessSweep:
             batch_size=r.BATCH_SIZE,
             defense_workers=self._defense_workers,
             amp_dtype=amp_dtype(r.AMP),
+            panoptic_only=True,  # PQ and the example grids read panoptic_seg only
         )
         evaluator = MultiVariantEvaluator(
             {d: PanopticSubsetEvaluator(self.dataset_name) for d in defense_names}
