@@ -46,8 +46,9 @@ def _hook(model, cfg, **kwargs):
     from upsnet_robust.evaluation import AdversarialInference
 
     kwargs.setdefault("defenses", OrderedDict(none=None))
-    return AdversarialInference(
-        model, objective="train_losses", input_format=cfg.INPUT.FORMAT, seed=0, **kwargs
+    return AdversarialInference(  # as the sweep builds it (PQ-only inference)
+        model, objective="train_losses", input_format=cfg.INPUT.FORMAT, seed=0,
+        panoptic_only=True, **kwargs
     )
 
 
