@@ -269,3 +269,27 @@ def test_panoptic_only_inference_gives_the_same_panoptic_result(model, val_input
         assert "instances" in f and set(l) == {"panoptic_seg"}
         assert torch.equal(f["panoptic_seg"][0], l["panoptic_seg"][0])
         assert f["panoptic_seg"][1] == l["panoptic_seg"][1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batched_amp_channels_last_attack_and_torch_nlmeans(val_inputs):
+    cfg = tiny_cfg("MODEL.DEVICE", "cuda")
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    if os.path.isfile(SHIPPED):
+        from upsnet_robust.engine import build_checkpointer
+
+        build_checkpointer(cfg, net).load(SHIPPED)
+    net.to(memory_format=torch.channels_last)
+    defenses = OrderedDict(none=None, nlmeans=build_defense("nlmeans", search_window=11, backend="torch"))
+    wrapper, outputs, seen = _run_hook(
+        net, val_inputs, attack=IFGSM(4.0), objective="train_losses", defenses=defenses,
+        batch_size=2, amp_dtype=torch.bfloat16, panoptic_only=True,
+    )
+    for x in val_inputs:
+        clean, adv, defended = seen[x["image_id"]]
+        assert adv.is_cuda and (adv - clean).abs().max() <= 4.0 + 1e-3 and (adv != clean).any()
+        hwc = adv.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        expected = cv2.fastNlMeansDenoisingColored(np.ascontiguousarray(hwc), None, 10, 10, 7, 11)
+        assert np.array_equal(defended["nlmeans"].permute(1, 2, 0).to(torch.uint8).cpu().numpy(), expected)
+    assert all(r["failure"] is None for r in wrapper.records)
