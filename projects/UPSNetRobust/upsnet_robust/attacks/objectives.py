@@ -40,6 +40,7 @@ __all__ = [
     "LeastLikelyObjective",
     "PseudoLabelObjective",
     "AutocastObjective",
+    "panoptic_objective_targets",
 ]
 
 OBJECTIVE_REGISTRY = Registry("ATTACK_OBJECTIVE")
@@ -325,31 +326,61 @@ class PanopticObjective(_Objective):
         return F.cross_entropy(raw["panoptic_logits"][None], target[None], ignore_index=255)
 
     def _target(self, raw, inputs):
-        num_stuff = self.model.num_stuff
         h, w = raw["image_size"]
-        sem = inputs["sem_seg"][:h, :w]
-        num_instances = len(raw["classes"])
-        unknown = num_stuff + num_instances
-        target = torch.where(sem < num_stuff, sem, torch.full_like(sem, 255))
-        pred = raw["panoptic_logits"].detach().argmax(0)
-        gt = inputs["instances"]
-        gt_masks = gt.gt_masks.tensor[:, :h, :w]
-        for g in range(len(gt)):
-            mask = gt_masks[g]
-            target[mask] = unknown
-            best, best_iou = None, 0.5
-            for j in range(num_instances):
-                if int(raw["classes"][j]) != int(gt.gt_classes[g]):
-                    continue
-                region = pred == num_stuff + j
-                inter = int((region & mask).sum())
-                iou = inter / max(1, int((region | mask).sum()))
-                if iou > best_iou:
-                    best, best_iou = j, iou
-            if best is not None:
-                target[mask] = num_stuff + best
-        target[sem == 255] = 255
-        return target
+        return panoptic_objective_targets(
+            raw["panoptic_logits"].detach().argmax(0),
+            raw["classes"],
+            inputs["sem_seg"][:h, :w],
+            inputs["instances"].gt_masks.tensor[:, :h, :w],
+            inputs["instances"].gt_classes,
+            self.model.num_stuff,
+        )
+
+
+def panoptic_objective_targets(
+    pred: torch.Tensor,
+    pred_classes: torch.Tensor,
+    sem_seg: torch.Tensor,
+    gt_masks: torch.Tensor,
+    gt_classes: torch.Tensor,
+    num_stuff: int,
+    ignore_value: int = 255,
+) -> torch.Tensor:
+    """Per-pixel target channel of the panoptic objective (matching rules of ``panoptic``).
+
+    Args:
+        pred: (h, w) current argmax of the panoptic logits: stuff channels ``[0, num_stuff)``,
+            instance ``j`` at channel ``num_stuff + j``, unknown at ``num_stuff + K``.
+        pred_classes: (K,) thing class of each predicted instance (detector class ids).
+        sem_seg: (h, w) ground-truth semantic labels; ``< num_stuff`` is stuff.
+        gt_masks: (G, h, w) bool ground-truth instance masks; gt_classes: (G,) their classes.
+
+    Returns:
+        (h, w) long: a stuff pixel targets its class; a pixel of GT instance ``g`` targets the
+        predicted instance of the same class with the highest IoU > 0.5 with ``g`` (the
+        standard PQ matching threshold, so at most one prediction can qualify), else the
+        unknown channel; ignored pixels (``ignore_value`` in ``sem_seg``) keep ``ignore_value``.
+        Later GT instances overwrite earlier ones where masks overlap.
+    """
+    num_instances = len(pred_classes)
+    unknown = num_stuff + num_instances
+    target = torch.where(sem_seg < num_stuff, sem_seg, torch.full_like(sem_seg, ignore_value))
+    for g in range(len(gt_classes)):
+        mask = gt_masks[g]
+        target[mask] = unknown
+        best, best_iou = None, 0.5
+        for j in range(num_instances):
+            if int(pred_classes[j]) != int(gt_classes[g]):
+                continue
+            region = pred == num_stuff + j
+            inter = int((region & mask).sum())
+            iou = inter / max(1, int((region | mask).sum()))
+            if iou > best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            target[mask] = num_stuff + best
+    target[sem_seg == ignore_value] = ignore_value
+    return target
 
 
 class AutocastObjective:
