@@ -7,6 +7,7 @@ defenses) in detectron2's and the project's registries.
 from .config import add_robustness_config, add_upsnet_config
 
 # Imported for their registration side effects.
+from . import adapters  # noqa: F401  isort:skip
 from . import data  # noqa: F401  isort:skip
 from . import modeling  # noqa: F401  isort:skip
 from . import attacks  # noqa: F401  isort:skip

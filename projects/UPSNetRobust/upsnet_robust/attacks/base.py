@@ -215,6 +215,9 @@ class Attack:
 
     name = "attack"
     required_objective: Optional[str] = None
+    #: True for attacks that build their own per-pixel loss from the objective's
+    #: ``logits_and_targets`` (SegPGD, CosPGD): they need an untargeted dense objective.
+    needs_dense_objective: bool = False
 
     def __init__(self, eps: EpsLike, generator: GeneratorLike = None):
         """

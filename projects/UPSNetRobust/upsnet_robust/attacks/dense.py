@@ -67,6 +67,8 @@ class DenseAttack(PGD):
     PGD's; restarts are ranked by the loss with t = T + 1.
     """
 
+    needs_dense_objective = True
+
     def dense_loss(self, logits, targets, t, steps) -> torch.Tensor:
         """
         Args:

@@ -9,29 +9,38 @@ depend on batching or on the process that computes them.
 Built with ``batched=True``, an objective runs the model once on the whole batch (the fast path
 of batched attacks) and still returns each image's own value: the dense objectives and
 ``panoptic`` are deterministic per image; ``train_losses`` runs the backbone on the batch and
-the sampling heads per image under the image's seed (:meth:`UPSNet.per_image_losses`). Images
+the sampling heads per image under the image's seed (UPSNet's adapter). Images
 may be zero-padded to a common size (the attack hook's padded batches): each image is cropped
 back to its own size, so padding never reaches the model as image content and gets no gradient.
 
-Objectives that need ground truth (``instances`` / ``sem_seg`` from the panoptic mapper) raise
+Objectives reach the model only through its adapter (:mod:`upsnet_robust.adapters`): training
+losses, dense per-pixel logits or panoptic logits, whichever the objective ``requires``.
+Objectives that need ground truth (``instances`` / ``sem_seg`` ...) raise
 :class:`MissingGroundTruthError` on data without it; the label-free ``pseudo_label`` objective
 uses the model's own clean prediction instead.
 """
-import contextlib
 import hashlib
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from detectron2.utils.events import EventStorage
 from detectron2.utils.registry import Registry
+
+from ..adapters.base import (
+    DENSE_LOGITS,
+    LOSSES,
+    PANOPTIC_LOGITS,
+    as_adapter,
+    frozen_norm_training_mode,
+)
 
 __all__ = [
     "OBJECTIVE_REGISTRY",
     "MissingGroundTruthError",
     "build_objective",
+    "objective_class",
+    "register_objective",
     "image_seed",
     "frozen_norm_training_mode",
     "TrainLossesObjective",
@@ -45,12 +54,11 @@ __all__ = [
 
 OBJECTIVE_REGISTRY = Registry("ATTACK_OBJECTIVE")
 OBJECTIVE_REGISTRY.__doc__ = """
-Attack objectives. A registered class is built as ``cls(model, batched_inputs, seed=..., batched=...)`` and
-called on float images (N, 3, H, W), returning per-image values (N,) to maximise.
+Attack objectives. A registered class is built as
+``cls(model_or_adapter, batched_inputs, seed=..., batched=...)`` and called on float images
+(N, 3, H, W), returning per-image values (N,) to maximise. Register with
+:func:`register_objective`.
 """
-
-_GROUND_TRUTH_KEYS = ("instances", "sem_seg")
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 class MissingGroundTruthError(ValueError):
@@ -63,53 +71,63 @@ def image_seed(seed: int, image_id) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+def register_objective(name: str):
+    """Class decorator: register an objective under its config name (``ROBUSTNESS.OBJECTIVE``).
+    The class may set ``requires`` (an adapter capability: "losses", "dense_logits",
+    "panoptic_logits") so that models without it are rejected at set-up."""
+
+    def deco(cls):
+        cls.registered_name = name
+        OBJECTIVE_REGISTRY._do_register(name, cls)
+        return cls
+
+    return deco
 
 
-@contextlib.contextmanager
-def frozen_norm_training_mode(model: nn.Module):
-    """Training-mode forward (losses) without touching normalisation statistics: the model is
-    put in train mode but every norm layer stays in eval mode; the previous modes come back."""
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m in model.modules():
-        if isinstance(m, _NORM_TYPES):
-            m.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+def _to_device(value, device):
+    return value.to(device) if hasattr(value, "to") else value
 
 
 class _Objective:
-    """Base: holds the model, the inputs (without their images) and per-image seeds."""
+    """Base: holds the model's adapter, the inputs (without their images) and per-image seeds.
 
-    needs_ground_truth = False
+    Subclasses set ``requires`` (the adapter capability they use) and ``ground_truth`` (input
+    keys they need; the string "losses" means the adapter's ``loss_ground_truth``)."""
 
-    def __init__(
-        self, model: nn.Module, batched_inputs: List[Dict], seed: int = 0, batched: bool = False
-    ):
-        self.model = _unwrap(model)
+    requires: str = ""
+    ground_truth: Sequence[str] = ()
+    #: True for objectives built on per-pixel logits (SegPGD, CosPGD and ILLC need one).
+    dense = False
+
+    def __init__(self, model, batched_inputs: List[Dict], seed: int = 0, batched: bool = False):
+        self.adapter = as_adapter(model)
+        self.model = self.adapter.model
         self.batched = batched
-        device = self.model.device
+        if self.requires:
+            self.adapter.require(self.requires, f"objective '{self.name}'")
+        device = self.adapter.device
         # ground truth goes to the model's device once, not at every attack step
         self.inputs = [
-            {k: (v.to(device) if k in _GROUND_TRUTH_KEYS else v) for k, v in x.items() if k != "image"}
-            for x in batched_inputs
+            {k: _to_device(v, device) for k, v in x.items() if k != "image"} for x in batched_inputs
         ]
         self.sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
-        self.seeds = [image_seed(seed, x.get("image_id", x.get("file_name", i))) for i, x in enumerate(batched_inputs)]
-        if self.needs_ground_truth:
-            for x in batched_inputs:
-                missing = [k for k in _GROUND_TRUTH_KEYS if k not in x]
-                if missing:
-                    raise MissingGroundTruthError(
-                        f"objective '{self.name}' needs ground truth {missing} for "
-                        f"{x.get('file_name', 'an input')}; use ROBUSTNESS.OBJECTIVE pseudo_label "
-                        "(label-free: the model's own clean prediction) on data without labels"
-                    )
+        self.seeds = [
+            image_seed(seed, x.get("image_id", x.get("file_name", i)))
+            for i, x in enumerate(batched_inputs)
+        ]
+        self._check_ground_truth(batched_inputs)
+
+    def _check_ground_truth(self, batched_inputs):
+        keys = self.adapter.loss_ground_truth if self.ground_truth == "losses" else self.ground_truth
+        for x in batched_inputs:
+            missing = [k for k in keys if k not in x]
+            if missing:
+                raise MissingGroundTruthError(
+                    f"objective '{self.name}' needs ground truth {missing} for "
+                    f"{x.get('file_name', 'an input')} ({self.adapter.meta_architecture}); use "
+                    "ROBUSTNESS.OBJECTIVE pseudo_label (label-free: the model's own clean "
+                    "prediction) on data without labels"
+                )
 
     @property
     def name(self) -> str:
@@ -122,7 +140,7 @@ class _Objective:
             return self.batch(x)
         values = []
         for i in range(x.shape[0]):
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=self.adapter._rng_devices()):
                 torch.manual_seed(self.seeds[i])
                 values.append(self.single(x[i], i))
         return torch.stack(values)
@@ -137,70 +155,46 @@ class _Objective:
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image values (N,) from one model run on the batch (``batched=True``)."""
-        raise NotImplementedError
+        return torch.stack([self.single(x[i], i) for i in range(x.shape[0])])
 
     def single(self, image: torch.Tensor, i: int) -> torch.Tensor:
         raise NotImplementedError
 
 
-def _register(name: str):
-    """Register under the lowercase config name (fvcore's public register() uses __name__)."""
-
-    def deco(cls):
-        cls.registered_name = name
-        OBJECTIVE_REGISTRY._do_register(name, cls)
-        return cls
-
-    return deco
-
-
-def _semantic_logits(model, images: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Per image (C, h, w) semantic logits at input resolution, through the backbone and the
-    semantic head, run once on the batch."""
-    batch = model.preprocess_image([{"image": image} for image in images])
-    features = model.backbone(batch.tensor)
-    logits = model.sem_seg_head.upsample(model.sem_seg_head.layers(features))
-    return [logits[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
-
-
-@_register("train_losses")
+@register_objective("train_losses")
 class TrainLossesObjective(_Objective):
-    """Sum of all training losses against ground truth (RPN, box, mask, semantic, panoptic):
-    the reference study's objective. Proposal and instance sampling are seeded per image."""
+    """Sum of all training losses against ground truth (for UPSNet: RPN, box, mask, semantic,
+    panoptic): the reference study's objective. Any sampling is seeded per image."""
 
-    needs_ground_truth = True
+    requires = LOSSES
+    ground_truth = "losses"
 
     def single(self, image, i):
-        with frozen_norm_training_mode(self.model), EventStorage():
-            losses = self.model([self._input(image, i)])
+        (losses,) = self.adapter.losses([self._input(image, i)], [self.seeds[i]])
         return sum(losses.values())
 
     def batch(self, x):
-        if not hasattr(self.model, "per_image_losses"):  # another meta-arch: image by image
-            return torch.stack([self._seeded_single(x[i], i) for i in range(x.shape[0])])
         inputs = [self._input(x[i], i) for i in range(x.shape[0])]
-        with frozen_norm_training_mode(self.model), EventStorage():
-            losses = self.model.per_image_losses(inputs, self.seeds)
+        losses = self.adapter.losses(inputs, self.seeds)
         return torch.stack([sum(d.values()) for d in losses])
 
-    def _seeded_single(self, image, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            return self.single(image, i)
 
+class DenseObjective(_Objective):
+    """Objectives on per-pixel class logits; they also serve SegPGD/CosPGD through
+    :meth:`logits_and_targets`. Subclasses give the per-pixel :meth:`targets`."""
 
-class _DenseObjective(_Objective):
-    """Objectives on per-pixel semantic logits; they also serve SegPGD/CosPGD through
-    :meth:`logits_and_targets`."""
+    requires = DENSE_LOGITS
+    dense = True
 
-    ignore_value = 255
+    @property
+    def ignore_value(self) -> int:
+        return self.adapter.ignore_value
 
     def targets(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
     def logits_and_targets(self, x: torch.Tensor):
-        with _eval_mode(self.model):
-            logits = self._logits(x)
+        logits = self._logits(x)
         height, width = x.shape[-2:]
         # a padded batch: pad logits with zeros and targets with the ignore label
         logits = torch.stack(
@@ -217,108 +211,104 @@ class _DenseObjective(_Objective):
     def _logits(self, x: torch.Tensor) -> List[torch.Tensor]:
         crops = [self.crop(x[i], i) for i in range(x.shape[0])]
         if self.batched:
-            return _semantic_logits(self.model, crops)
-        return [_semantic_logits(self.model, [c])[0] for c in crops]
+            return self.adapter.dense_logits(crops)
+        return [self.adapter.dense_logits([c])[0] for c in crops]
 
     def single(self, image, i):
-        with _eval_mode(self.model):
-            (logits,) = _semantic_logits(self.model, [self.crop(image, i)])
-        return self._cross_entropy(logits, i)
+        (logits,) = self.adapter.dense_logits([self.crop(image, i)])
+        return self.pixel_loss(logits, i)
 
     def batch(self, x):
-        with _eval_mode(self.model):
-            logits = self._logits(x)
-        return torch.stack([self._cross_entropy(l, i) for i, l in enumerate(logits)])
+        return torch.stack([self.pixel_loss(l, i) for i, l in enumerate(self._logits(x))])
 
-    def _cross_entropy(self, logits, i):
+    def pixel_loss(self, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """The image's value from its (C, h, w) logits (default: mean cross-entropy to the
+        targets over non-ignored pixels)."""
         target = self.targets(i)
         valid = target != self.ignore_value
         if not valid.any():
             return logits.sum() * 0.0
         return F.cross_entropy(logits[None], target[None], ignore_index=self.ignore_value)
 
-
-def _clean_logits(model, batched_inputs: List[Dict]) -> List[torch.Tensor]:
-    """Semantic logits of the clean images, image by image (targets fixed once)."""
-    with torch.no_grad(), _eval_mode(model):
-        return [
-            _semantic_logits(model, [x["image"].to(model.device).float()])[0]
-            for x in batched_inputs
-        ]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+    def _clean_logits(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        """Logits of the clean images, image by image (targets fixed once)."""
+        device = self.adapter.device
+        with torch.no_grad():
+            return [
+                self.adapter.dense_logits([x["image"].to(device).float()])[0]
+                for x in batched_inputs
+            ]
 
 
-@_register("semantic_ce")
-class SemanticCEObjective(_DenseObjective):
-    """Cross-entropy of the semantic head against the ground-truth semantic map."""
-
-    needs_ground_truth = True
-
-    def targets(self, i):
-        return self.inputs[i]["sem_seg"]
+# kept for code written against the first version's private name
+_DenseObjective = DenseObjective
 
 
-@_register("pseudo_label")
-class PseudoLabelObjective(_DenseObjective):
-    """Label-free: cross-entropy against the model's own clean semantic prediction."""
+@register_objective("semantic_ce")
+class SemanticCEObjective(DenseObjective):
+    """Cross-entropy of the dense logits against the ground-truth semantic map (mapped to the
+    model's classes by its adapter)."""
+
+    ground_truth = ("sem_seg",)
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
         super().__init__(model, batched_inputs, seed, batched)
-        self._targets = [l.argmax(0) for l in _clean_logits(self.model, batched_inputs)]
+        self._targets = [self.adapter.dense_targets(x) for x in self.inputs]
 
     def targets(self, i):
         return self._targets[i]
 
 
-@_register("least_likely")
-class LeastLikelyObjective(_DenseObjective):
+@register_objective("pseudo_label")
+class PseudoLabelObjective(DenseObjective):
+    """Label-free: cross-entropy against the model's own clean per-pixel prediction."""
+
+    def __init__(self, model, batched_inputs, seed=0, batched=False):
+        super().__init__(model, batched_inputs, seed, batched)
+        self._targets = [l.argmax(0) for l in self._clean_logits(batched_inputs)]
+
+    def targets(self, i):
+        return self._targets[i]
+
+
+@register_objective("least_likely")
+class LeastLikelyObjective(DenseObjective):
     """Iterative least-likely class (Kurakin et al.) for a multi-head model: the per-pixel
-    least-likely class of the CLEAN semantic logits is the target, fixed once; the value is the
+    least-likely class of the CLEAN dense logits is the target, fixed once; the value is the
     NEGATIVE cross-entropy to it, so maximising it pulls every pixel towards its least-likely
-    class. Stuff, instance (Y + M) and unknown panoptic channels are all built from the semantic
-    logits, so the panoptic output follows."""
+    class. For UPSNet, stuff, instance (Y + M) and unknown panoptic channels are all built from
+    the semantic logits, so the panoptic output follows."""
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
         super().__init__(model, batched_inputs, seed, batched)
-        self._targets = [l.argmin(0) for l in _clean_logits(self.model, batched_inputs)]
+        self._targets = [l.argmin(0) for l in self._clean_logits(batched_inputs)]
 
     def targets(self, i):
         return self._targets[i]
 
-    def _cross_entropy(self, logits, i):
-        return -super()._cross_entropy(logits, i)
+    def pixel_loss(self, logits, i):
+        return -super().pixel_loss(logits, i)
 
     def logits_and_targets(self, x):
         raise TypeError("least_likely is a targeted objective; SegPGD/CosPGD are untargeted")
 
 
-@_register("panoptic")
+@register_objective("panoptic")
 class PanopticObjective(_Objective):
     """Cross-entropy of the panoptic head's INFERENCE-path logits against ground truth: stuff
     pixels want their class; pixels of a GT instance want the predicted instance channel that
     matches it (same class, IoU > 0.5 with the current prediction), else the unknown channel.
     The matching is redone at every call, as the predicted instances change."""
 
-    needs_ground_truth = True
+    requires = PANOPTIC_LOGITS
+    ground_truth = ("instances", "sem_seg")
 
     def single(self, image, i):
-        with _eval_mode(self.model):
-            raw = self.model.predict([self._input(image, i)], with_detector_masks=False)[0]
+        (raw,) = self.adapter.panoptic_predictions([self._input(image, i)])
         return self._cross_entropy(raw, i)
 
     def batch(self, x):
-        inputs = [self._input(x[i], i) for i in range(x.shape[0])]
-        with _eval_mode(self.model):
-            raws = self.model.predict(inputs, with_detector_masks=False)
+        raws = self.adapter.panoptic_predictions([self._input(x[i], i) for i in range(x.shape[0])])
         return torch.stack([self._cross_entropy(raw, i) for i, raw in enumerate(raws)])
 
     def _cross_entropy(self, raw, i):
@@ -333,7 +323,7 @@ class PanopticObjective(_Objective):
             inputs["sem_seg"][:h, :w],
             inputs["instances"].gt_masks.tensor[:, :h, :w],
             inputs["instances"].gt_classes,
-            self.model.num_stuff,
+            raw["num_stuff"],
         )
 
 
@@ -413,18 +403,29 @@ class AutocastObjective:
         return getattr(self.objective, name)
 
 
+def objective_class(name: str) -> type:
+    """The registered objective class ``name``; KeyError listing the registered names."""
+    names = sorted(k for k, _ in OBJECTIVE_REGISTRY)
+    if name not in names:
+        raise KeyError(f"Unknown attack objective '{name}'. Registered objectives: {names}")
+    return OBJECTIVE_REGISTRY.get(name)
+
+
 def build_objective(
-    name: str, model: nn.Module, batched_inputs: List[Dict], seed: int = 0, batched: bool = False
+    name: str, model, batched_inputs: List[Dict], seed: int = 0, batched: bool = False
 ) -> Callable:
     """Build the registered objective ``name`` for one batch (``batched``: one model run per
     call for the whole batch instead of one per image; same per-image values).
 
+    Args:
+        model: a :class:`~upsnet_robust.adapters.ModelAdapter`, or a model with a registered
+            adapter (wrapped without data set metadata).
+
     Raises:
         KeyError: unknown name, listing the registered ones.
+        UnsupportedModelError: the model's adapter lacks what the objective needs.
         MissingGroundTruthError: the objective needs labels the inputs lack.
     """
-    names = sorted(k for k, _ in OBJECTIVE_REGISTRY)
-    if name not in names:
-        raise KeyError(f"Unknown attack objective '{name}'. Registered objectives: {names}")
+    cls = objective_class(name)
     extra = {"batched": True} if batched else {}  # objectives registered elsewhere may lack it
-    return OBJECTIVE_REGISTRY.get(name)(model, batched_inputs, seed=seed, **extra)
+    return cls(model, batched_inputs, seed=seed, **extra)

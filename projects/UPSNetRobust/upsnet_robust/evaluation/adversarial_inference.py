@@ -12,7 +12,6 @@ With ``adaptive_defense`` set, the attack is defense-aware: its objective is wra
 :class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks ``model o defense``
 (BPDA through the real defense, EOT over the masks of a randomised one) instead of the model.
 """
-import inspect
 import logging
 import os
 import time
@@ -23,11 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..adapters.base import ModelAdapter, as_adapter
 from ..attacks import NonFiniteGradientError
 from ..attacks.objectives import AutocastObjective, build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
 from ..defenses.bpda import DefenseAwareObjective
 from ..defenses.workers import DefenseWorkers
+from .outputs import compact_outputs, expand_outputs
 
 __all__ = ["AdversarialInference", "FAILED_KEY", "pad_stack"]
 
@@ -49,7 +50,7 @@ class AdversarialInference(nn.Module):
     """Attack, then defend, then infer, per batch.
 
     Args:
-        model: a detectron2 panoptic model (UPSNet, or any with the same input contract).
+        model: a detectron2 model with a registered adapter (:mod:`upsnet_robust.adapters`).
         attack: an attack from :func:`upsnet_robust.attacks.build_attack`, or None (clean).
         objective (str): objective name used when the attack does not require its own.
         defenses: ordered mapping name -> detectron2 Transform or None (undefended).
@@ -69,9 +70,13 @@ class AdversarialInference(nn.Module):
         defense_workers (DefenseWorkers): processes for CPU defenses, overlapping inference.
         amp_dtype (torch.dtype): run the attack's forward/backward under ``torch.autocast``
             with this dtype (mixed precision); None: full precision. Inference stays in float32.
-        panoptic_only (bool): infer only ``panoptic_seg`` (a model whose ``inference`` takes
-            ``panoptic_only``, like UPSNet: no mask head on the final detections, no semantic
-            resize); for PQ-only sweeps. Other evaluators need the full outputs.
+        panoptic_only (bool): shorthand for ``output_keys=("panoptic_seg",)``.
+        adapter (ModelAdapter): the model's adapter (default: looked up by meta-architecture,
+            without data set metadata; pass one built with ``build_adapter(cfg, model)`` for
+            models whose labels need the data set's conventions).
+        output_keys: the model outputs the evaluators read (e.g. ``("panoptic_seg",)``); the
+            adapter may skip the others, and the cache keeps only these. None: all outputs
+            (cached: the adapter task's output).
     """
 
     def __init__(
@@ -92,14 +97,21 @@ class AdversarialInference(nn.Module):
         defense_workers: Optional[DefenseWorkers] = None,
         amp_dtype: Optional[torch.dtype] = None,
         panoptic_only: bool = False,
+        adapter: Optional[ModelAdapter] = None,
+        output_keys=None,
     ):
         super().__init__()
+        self.adapter = adapter if adapter is not None else as_adapter(model)
+        if panoptic_only:
+            output_keys = ("panoptic_seg",)
+        if output_keys is None and cache_dir:
+            output_keys = (self.adapter.task,)
+        self.output_keys = frozenset(output_keys) if output_keys is not None else None
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.defense_workers = defense_workers
         self.amp_dtype = amp_dtype
-        self.panoptic_only = panoptic_only
         self.model = model
         self.attack = attack
         self.objective = objective
@@ -159,14 +171,22 @@ class AdversarialInference(nn.Module):
     def _load_cached(self, x: Dict) -> Optional[Dict]:
         path = self._cache_path(x)
         if path and os.path.isfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            outputs = entry["outputs"]
+            if FAILED_KEY not in outputs:
+                entry["outputs"] = {d: expand_outputs(o) for d, o in outputs.items()}
+            return entry
         return None
 
     def _store(self, x: Dict, entry: Dict) -> None:
         path = self._cache_path(x)
         if path:
+            # only what the evaluators read, in a form torch.load(weights_only=True) reads back
+            outputs = entry["outputs"]
+            if FAILED_KEY not in outputs:
+                outputs = {d: compact_outputs(o, self.output_keys) for d, o in outputs.items()}
             tmp = path + ".tmp"
-            torch.save(entry, tmp)
+            torch.save(dict(entry, outputs=outputs), tmp)
             os.replace(tmp, path)
 
     # ------------------------------------------------------------------ one batch
@@ -228,7 +248,7 @@ class AdversarialInference(nn.Module):
         """Attack a batch; returns per-image adversarial images, the batch's seconds and
         adaptive-attack statistics."""
         name = getattr(self.attack, "required_objective", None) or self.objective
-        objective = build_objective(name, self.model, xs, seed=self.seed, batched=len(xs) > 1)
+        objective = build_objective(name, self.adapter, xs, seed=self.seed, batched=len(xs) > 1)
         if self.adaptive_defense is not None:  # one image at a time (see forward)
             objective = DefenseAwareObjective(
                 objective,
@@ -295,18 +315,17 @@ class AdversarialInference(nn.Module):
                 outs = self._infer([dict(x, image=image) for x, image in zip(xs, images)])
             for k, out in enumerate(outs):
                 defended[k][name] = images[k]
-                # Cached entries keep only the panoptic result (loadable with weights_only=True).
-                outputs[k][name] = (
-                    {"panoptic_seg": _to_cpu(out["panoptic_seg"])} if self.cache_dir else out
-                )
+                if self.cache_dir:  # fresh and cached results take the same (compact) form
+                    out = expand_outputs(compact_outputs(out, self.output_keys))
+                outputs[k][name] = out
         return outputs, defended
 
 
     def _infer(self, inputs: List[Dict]) -> List[Dict]:
-        model = getattr(self.model, "module", self.model)
-        if self.panoptic_only and "panoptic_only" in inspect.signature(model.inference).parameters:
-            return model.inference(inputs, panoptic_only=True)
-        return self.model(inputs)
+        outputs = self.adapter.inference(inputs, keys=self.output_keys)
+        if self.output_keys is None:
+            return outputs
+        return [{k: o[k] for k in self.output_keys} for o in outputs]
 
 
 def pad_stack(images: List[torch.Tensor]) -> torch.Tensor:
@@ -320,8 +339,3 @@ def pad_stack(images: List[torch.Tensor]) -> torch.Tensor:
     for j, im in enumerate(images):
         batch[j, :, : im.shape[-2], : im.shape[-1]] = im
     return batch
-
-
-def _to_cpu(panoptic_seg):
-    ids, segments = panoptic_seg
-    return ids.cpu(), segments

@@ -12,13 +12,26 @@ import tempfile
 from collections import OrderedDict
 from typing import Dict
 
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluator, SemSegEvaluator
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    SemSegEvaluator,
+)
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from .adversarial_inference import FAILED_KEY
 
-__all__ = ["MultiVariantEvaluator", "PanopticSubsetEvaluator", "PanopticSemSegEvaluator"]
+__all__ = [
+    "MultiVariantEvaluator",
+    "PanopticSubsetEvaluator",
+    "PanopticSemSegEvaluator",
+    "LabelSemSegEvaluator",
+    "InstanceSubsetEvaluator",
+    "build_task_evaluator",
+    "headline_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +99,41 @@ class PanopticSubsetEvaluator(COCOPanopticEvaluator):
                 self._metadata = original
 
 
-class PanopticSemSegEvaluator(SemSegEvaluator):
+class _ArgmaxOf:
+    """A label map answering SemSegEvaluator's ``output["sem_seg"].argmax(dim=0)`` with itself,
+    so cached (H, W) labels are scored without rebuilding (C, H, W) logits."""
+
+    def __init__(self, labels):
+        self._labels = labels
+
+    def argmax(self, dim=0):
+        return self._labels
+
+
+class LabelSemSegEvaluator(SemSegEvaluator):
+    """detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC) accepting ``sem_seg`` as (C, H, W)
+    logits, as usual, or as an (H, W) label map (the sweep's cached form)."""
+
+    def process(self, inputs, outputs):
+        outputs = [
+            dict(o, sem_seg=_ArgmaxOf(o["sem_seg"])) if o["sem_seg"].dim() == 2 else o
+            for o in outputs
+        ]
+        super().process(inputs, outputs)
+
+
+class InstanceSubsetEvaluator(COCOEvaluator):
+    """detectron2's COCOEvaluator (box and mask AP) over the images it was given: COCO's
+    evaluation would count every unscored image of the data set as all misses."""
+
+    def evaluate(self, img_ids=None):
+        scored = list(
+            itertools.chain(*comm.all_gather([p["image_id"] for p in self._predictions]))
+        )
+        return super().evaluate(img_ids=img_ids if img_ids is not None else scored)
+
+
+class PanopticSemSegEvaluator(LabelSemSegEvaluator):
     """detectron2's SemSegEvaluator (mIoU) on a panoptic data set.
 
     Panoptic metadata maps only stuff ids in ``stuff_dataset_id_to_contiguous_id``; the semantic
@@ -140,3 +187,60 @@ class MultiVariantEvaluator(DatasetEvaluator):
             return {}
         results["failures"] = failed
         return results
+
+
+_PANOPTIC_TYPES = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
+_SEM_SEG_TYPES = ("sem_seg", "cityscapes_sem_seg")
+_INSTANCE_TYPES = ("coco", "cityscapes_instance", "lvis")
+
+
+def build_task_evaluator(dataset_name: str, task: str, output_dir=None) -> DatasetEvaluator:
+    """The evaluator of ``task`` ("panoptic_seg", "sem_seg", "instances") on a data set, chosen
+    the detectron2 way from its metadata's ``evaluator_type``. Cityscapes' own semantic and
+    instance evaluators are replaced by detectron2's generic ones (SemSegEvaluator,
+    COCOEvaluator), which score the same predictions on any number of processes.
+
+    Raises:
+        ValueError: the data set cannot score that task, naming both and what would.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    kind = meta.get("evaluator_type", None)
+    if task == "panoptic_seg" and kind in _PANOPTIC_TYPES:
+        return PanopticSubsetEvaluator(dataset_name, output_dir)
+    if task == "sem_seg" and kind in _SEM_SEG_TYPES:
+        return LabelSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+    if task == "sem_seg" and kind in _PANOPTIC_TYPES and meta.get("stuff_classes", None):
+        return PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+    if task == "instances" and kind in _INSTANCE_TYPES:
+        return InstanceSubsetEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+    wanted = {"panoptic_seg": _PANOPTIC_TYPES, "sem_seg": _SEM_SEG_TYPES + _PANOPTIC_TYPES,
+              "instances": _INSTANCE_TYPES}.get(task)
+    raise ValueError(
+        f"Data set {dataset_name!r} has evaluator_type {kind!r}, which cannot score the model's "
+        f"task {task!r}; a {task} model needs a data set of evaluator_type "
+        f"{' / '.join(wanted) if wanted else '?'} (DATASETS.TEST)"
+    )
+
+
+def headline_results(task: str, results: Dict) -> Dict:
+    """The metrics of one evaluator's results under detectron2's names, flat: PQ, SQ, RQ, PQ_th,
+    PQ_st ...; mIoU, fwIoU, mACC, pACC; AP, AP50, ... (mask AP when masks were scored, else box
+    AP). Empty when nothing was scored."""
+    results = results or {}
+    if task == "instances":
+        res = results.get("segm") or results.get("bbox") or {}
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    elif task == "sem_seg":
+        res = results.get("sem_seg", {})
+        keys = ("mIoU", "fwIoU", "mACC", "pACC")
+    else:
+        res = results.get("panoptic_seg", {})
+        keys = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")
+    return {k: (None if res.get(k) is None or _isnan(res[k]) else float(res[k])) for k in keys}
+
+
+def _isnan(value) -> bool:
+    try:
+        return value != value
+    except Exception:  # noqa: BLE001
+        return False

@@ -21,17 +21,23 @@ from typing import Dict, List, Optional
 
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 
+from ..adapters.base import build_adapter
 from ..attacks import build_attack
-from ..data import build_panoptic_mapper
 from ..defenses import build_defense_from_cfg
 from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
 from .adversarial_inference import AdversarialInference
-from .evaluators import MultiVariantEvaluator, PanopticSubsetEvaluator
+from .checks import check_dataset_registered, check_sweep_attacks
+from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .robust_mapper import RobustMapper
 
 __all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
@@ -108,16 +114,21 @@ class RobustnessSweep:
             first ``ROBUSTNESS.NUM_EXAMPLES`` images of each attacked pass (main process).
     """
 
-    def __init__(self, cfg, model, weights: str, output_dir: str, on_example=None):
+    def __init__(self, cfg, model, weights: str, output_dir: str, on_example=None, adapter=None):
         self.cfg = cfg
         self.model = model
+        self.dataset_name = cfg.DATASETS.TEST[0]
+        # Everything that can fail on the config fails here, before data or model work.
+        check_dataset_registered(self.dataset_name)
+        self.adapter = adapter if adapter is not None else build_adapter(cfg, model)
+        self.task = self.adapter.task
+        check_sweep_attacks(self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
         self.output_dir = output_dir
         self.on_example = on_example
         self._defense_workers = None
         if cfg.ROBUSTNESS.BATCH_SIZE < 1:
             raise ValueError(f"ROBUSTNESS.BATCH_SIZE must be >= 1, got {cfg.ROBUSTNESS.BATCH_SIZE}")
         amp_dtype(cfg.ROBUSTNESS.AMP)  # fail now on a bad value
-        self.dataset_name = cfg.DATASETS.TEST[0]
         self.cache_root = os.path.join(output_dir, "robustness_cache", fingerprint(cfg, weights))
         self.defense_names = list(OrderedDict.fromkeys(["none"] + list(cfg.ROBUSTNESS.DEFENSES)))
         if "none" not in cfg.ROBUSTNESS.DEFENSES:
@@ -125,9 +136,10 @@ class RobustnessSweep:
         self.defenses = OrderedDict(
             (d, None if d == "none" else build_defense_from_cfg(cfg, d)) for d in self.defense_names
         )
-        # Fail now, not after hours of passes, on a bad surrogate choice.
+        # Fail now, not after hours of passes, on a bad surrogate choice or evaluator.
         for d in adaptive_defense_names(cfg):
             self._adaptive_settings(d)
+        self._evaluator()
 
     # ------------------------------------------------------------------ data
     def _dataset(self) -> List[Dict]:
@@ -136,7 +148,8 @@ class RobustnessSweep:
         return dicts[:n] if n > 0 else dicts
 
     def _loader(self):
-        mapper = RobustMapper(build_panoptic_mapper(self.cfg, is_train=False))
+        mapper = self.adapter.test_mapper(self.cfg) or DatasetMapper(self.cfg, is_train=False)
+        mapper = RobustMapper(mapper)
         return build_detection_test_loader(
             self._dataset(),
             mapper=mapper,
@@ -187,6 +200,12 @@ class RobustnessSweep:
         if attack is None:
             return None
         return getattr(attack, "required_objective", None) or self.cfg.ROBUSTNESS.OBJECTIVE
+
+    def _evaluator(self):
+        """The task's evaluator on the test set (COCO-format conversions cached once)."""
+        folder = os.path.join(self.output_dir, "inference")
+        os.makedirs(folder, exist_ok=True)
+        return build_task_evaluator(self.dataset_name, self.task, folder)
 
     def run(self) -> List[Dict]:
         workers = self.cfg.ROBUSTNESS.DEFENSE_WORKERS
@@ -240,11 +259,10 @@ class RobustnessSweep:
             batch_size=r.BATCH_SIZE,
             defense_workers=self._defense_workers,
             amp_dtype=amp_dtype(r.AMP),
-            panoptic_only=True,  # PQ and the example grids read panoptic_seg only
+            adapter=self.adapter,
+            output_keys=(self.task,),  # what the evaluators (and the example grids) read
         )
-        evaluator = MultiVariantEvaluator(
-            {d: PanopticSubsetEvaluator(self.dataset_name) for d in defense_names}
-        )
+        evaluator = MultiVariantEvaluator({d: self._evaluator() for d in defense_names})
         results = inference_on_dataset(wrapper, self._loader(), evaluator)
         records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
         if not comm.is_main_process():
@@ -272,8 +290,11 @@ class RobustnessSweep:
         adaptive = spec.get("adaptive")
         cells = []
         for d in [adaptive] if adaptive else self.defense_names:
-            pq = results.get(d, {}).get("panoptic_seg", {})
+            metrics = headline_results(self.task, results.get(d, {}))
             cell = {
+                "model": self.adapter.meta_architecture,
+                "task": self.task,
+                "metric": self.adapter.headline_metric,
                 "attack": spec["attack"],
                 "objective": self._objective(attack),
                 "eps": spec["eps"],
@@ -284,11 +305,7 @@ class RobustnessSweep:
                 "defense": d,
                 "adaptive": bool(adaptive),
                 "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
-                "PQ": pq.get("PQ"),
-                "SQ": pq.get("SQ"),
-                "RQ": pq.get("RQ"),
-                "PQ_th": pq.get("PQ_th"),
-                "PQ_st": pq.get("PQ_st"),
+                **metrics,
                 "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
                 "defense_s_per_image": _mean([rec["defense_s"][d] for rec in ok]),
                 "num_images": len(ok),

@@ -4,6 +4,7 @@
 from .backbone import build_slim_resnet_fpn_backbone
 from .checkpoint import UPSNetCheckpointer
 from .meta_arch import UPSNet
+from .adapter import UPSNetAdapter  # registers UPSNet's model adapter
 from .semantic_head import DeformConvWithOffset, UPSNetSemanticHead
 
-__all__ = ["UPSNet", "build_slim_resnet_fpn_backbone", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer"]
+__all__ = ["UPSNet", "build_slim_resnet_fpn_backbone", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer", "UPSNetAdapter"]

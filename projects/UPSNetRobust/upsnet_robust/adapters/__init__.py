@@ -1,0 +1,10 @@
+# Copyright (c) UPSNetRobust authors.
+"""Model adapters: the only layer of the robustness engine that knows a model.
+
+Importing this package registers the adapters of detectron2's meta-architectures; UPSNet's
+adapter lives beside UPSNet (``upsnet_robust.modeling.adapter``).
+"""
+from .base import *  # noqa: F401,F403
+from .base import __all__ as _base_all
+
+__all__ = list(_base_all)

@@ -1,0 +1,115 @@
+# Copyright (c) UPSNetRobust authors.
+"""Set-up checks of a robustness run: everything that can be known to fail before the model
+runs on a single image (model adapter, attack/objective pairs, data set, evaluator)."""
+import difflib
+from typing import Iterable, List
+
+from detectron2.data import DatasetCatalog
+
+from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
+from ..attacks.objectives import objective_class
+from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError
+
+__all__ = [
+    "check_attack_objective",
+    "check_dataset_registered",
+    "check_sweep_attacks",
+    "objective_for",
+]
+
+
+def _attack_class(name: str):
+    key = name if name in ATTACK_REGISTRY else str(name).strip().lower()
+    if key not in ATTACK_REGISTRY:
+        raise UnknownAttackError(
+            f"Unknown attack {name!r}; registered attacks: "
+            f"{', '.join(sorted(k for k, _ in ATTACK_REGISTRY))}"
+        )
+    return ATTACK_REGISTRY.get(key)
+
+
+def objective_for(attack_name: str, objective: str) -> str:
+    """The objective an attack runs with: its required one (ILLC: least_likely), else
+    ``objective`` (ROBUSTNESS.OBJECTIVE)."""
+    return getattr(_attack_class(attack_name), "required_objective", None) or objective
+
+
+def _dense_objectives(adapter: ModelAdapter) -> List[str]:
+    from ..attacks.objectives import OBJECTIVE_REGISTRY
+
+    names = []
+    for name, cls in sorted(OBJECTIVE_REGISTRY):
+        if getattr(cls, "dense", False) and name != "least_likely" and adapter.has(DENSE_LOGITS):
+            names.append(name)
+    return names
+
+
+def _usable_objectives(adapter: ModelAdapter) -> List[str]:
+    from ..attacks.objectives import OBJECTIVE_REGISTRY
+
+    return [
+        name
+        for name, cls in sorted(OBJECTIVE_REGISTRY)
+        if not getattr(cls, "requires", "") or adapter.has(cls.requires)
+    ]
+
+
+def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: str) -> str:
+    """Check that ``adapter``'s model can serve ``attack_name`` with ``objective``; returns the
+    objective the attack will use.
+
+    Raises:
+        UnsupportedModelError: naming the meta-architecture, the attack, the objective and what
+            to use instead.
+        UnknownAttackError / KeyError: unknown attack or objective names.
+    """
+    cls = _attack_class(attack_name)
+    name = objective_for(attack_name, objective)
+    obj_cls = objective_class(name)
+    arch = adapter.meta_architecture
+    needs = getattr(obj_cls, "requires", "")
+    if needs and not adapter.has(needs):
+        usable = _usable_objectives(adapter)
+        raise UnsupportedModelError(
+            f"{arch}: attack {attack_name!r} with objective {name!r} needs the model's "
+            f"{needs.replace('_', ' ')}, which its adapter ({type(adapter).__name__}) does not "
+            f"expose. Objectives this model supports: {', '.join(usable) or 'none'}"
+            + ("" if name == objective else f" (attack {attack_name!r} only works with {name!r})")
+        )
+    if getattr(cls, "needs_dense_objective", False) and (
+        not getattr(obj_cls, "dense", False) or name == "least_likely"
+    ):
+        dense = _dense_objectives(adapter)
+        instead = (
+            f"set ROBUSTNESS.OBJECTIVE to one of {', '.join(dense)}"
+            if dense
+            else f"use an attack that needs no dense logits ({arch} has none), e.g. pgd"
+        )
+        raise UnsupportedModelError(
+            f"{arch}: attack {attack_name!r} weights a per-pixel loss and needs an untargeted "
+            f"dense objective, but ROBUSTNESS.OBJECTIVE is {name!r}; {instead}"
+        )
+    return name
+
+
+def check_dataset_registered(name: str, key: str = "DATASETS.TEST") -> None:
+    """KeyError naming ``key``, the data set and the registered ones (closest first)."""
+    registered = list(DatasetCatalog.list())
+    if name in registered:
+        return
+    close = difflib.get_close_matches(name, registered, n=5, cutoff=0.5)
+    rest = sorted(set(registered) - set(close))
+    raise KeyError(
+        f"{key} names data set {name!r}, which is not registered. "
+        + (f"Closest: {', '.join(close)}. " if close else "")
+        + f"Registered: {', '.join(rest)}"
+    )
+
+
+def check_sweep_attacks(
+    adapter: ModelAdapter, attacks: Iterable[str], objective: str, skip: Iterable[str] = ("clean",)
+) -> None:
+    """:func:`check_attack_objective` for every attack of a sweep."""
+    for name in attacks:
+        if name not in skip:
+            check_attack_objective(adapter, name, objective)
