@@ -13,8 +13,12 @@ __all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
 
 
 def get_upsnet_cfg() -> CfgNode:
-    """detectron2's defaults plus every UPSNetRobust key."""
+    """detectron2's defaults plus every UPSNetRobust key, and the keys of detectron2's DeepLab and
+    Panoptic-DeepLab projects (so their YAML files load like any other model's)."""
+    from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
+
     cfg = get_cfg()
+    add_panoptic_deeplab_config(cfg)  # adds DeepLab's keys too
     add_upsnet_config(cfg)
     add_robustness_config(cfg)
     return cfg
