@@ -29,6 +29,7 @@ from detectron2.utils.registry import Registry
 
 __all__ = [
     "ADAPTER_REGISTRY",
+    "AdapterInference",
     "LOSSES",
     "DENSE_LOGITS",
     "PANOPTIC_LOGITS",
@@ -37,6 +38,7 @@ __all__ = [
     "UnsupportedModelError",
     "register_adapter",
     "build_adapter",
+    "adapter_class",
     "as_adapter",
     "frozen_norm_training_mode",
     "unwrap_model",
@@ -101,6 +103,20 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+class AdapterInference(nn.Module):
+    """A model seen through its adapter: ``forward`` is :meth:`ModelAdapter.inference`, so
+    detectron2's evaluators receive predictions in the data set's ids (used by the Trainer's
+    evaluation and anywhere a plain ``model(inputs)`` call is expected)."""
+
+    def __init__(self, adapter: "ModelAdapter"):
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model  # a submodule: .eval()/.train() reach the model
+
+    def forward(self, batched_inputs):
+        return self.adapter.inference(batched_inputs)
+
+
 class ModelAdapter:
     """What the robustness engine needs of one meta-architecture.
 
@@ -122,6 +138,9 @@ class ModelAdapter:
     loss_ground_truth: Sequence[str] = ("instances",)
     #: the ignore label of dense targets.
     ignore_value: int = 255
+    #: whether the model's ``sem_seg`` output has the data set's classes (False for models
+    #: with another semantic label convention, e.g. PanopticFPN's merged "things" class).
+    sem_seg_in_dataset_classes: bool = True
 
     def __init__(self, model: nn.Module, metadata=None):
         self.model = unwrap_model(model)
@@ -206,9 +225,16 @@ class ModelAdapter:
         (None: all); an adapter may skip work for the others."""
         return self.model(inputs)
 
-    def test_mapper(self, cfg):
+    @classmethod
+    def test_mapper(cls, cfg):
         """The dataset mapper giving this model its test inputs, with the ground truth its
         losses and dense targets need (None: detectron2's default ``DatasetMapper``)."""
+        return None
+
+    @classmethod
+    def train_mapper(cls, cfg):
+        """The dataset mapper that trains this model on ``cfg.DATASETS.TRAIN`` (None:
+        detectron2's default ``DatasetMapper``). Used by the project's ``Trainer``."""
         return None
 
     def _rng_devices(self):

@@ -12,16 +12,16 @@ from detectron2.data import MetadataCatalog, build_detection_test_loader, build_
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import (
-    COCOPanopticEvaluator,
     DatasetEvaluators,
     inference_on_dataset,
     print_csv_format,
 )
 from detectron2.utils import comm
 
+from ..adapters.base import AdapterInference, adapter_class, build_adapter
 from ..attacks import build_attack
-from ..data import build_panoptic_mapper
 from ..evaluation import AdversarialInference, PanopticSemSegEvaluator
+from ..evaluation.evaluators import build_task_evaluator
 from ..evaluation.sweep import amp_dtype
 from ..modeling import UPSNetCheckpointer
 
@@ -71,18 +71,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """PQ/SQ/RQ with detectron2's COCOPanopticEvaluator, plus mIoU when semantic GT exists."""
+        """The model task's evaluator chosen from the data set's ``evaluator_type`` (PQ/SQ/RQ,
+        mIoU or AP), plus mIoU beside PQ (``TEST.SEM_SEG_EVAL``) for panoptic models whose
+        ``sem_seg`` output uses the data set's classes."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        adapter = adapter_class(cfg.MODEL.META_ARCHITECTURE)
+        evaluators = [build_task_evaluator(dataset_name, adapter.task, output_folder)]
         meta = MetadataCatalog.get(dataset_name)
-        evaluator_type = meta.get("evaluator_type", None)
-        if evaluator_type not in _PANOPTIC_EVALUATOR_TYPES:
-            raise NotImplementedError(
-                f"No evaluator for dataset {dataset_name} of evaluator_type {evaluator_type}; "
-                f"UPSNetRobust evaluates panoptic data sets ({', '.join(_PANOPTIC_EVALUATOR_TYPES)})"
-            )
-        evaluators = [COCOPanopticEvaluator(dataset_name, output_folder)]
-        if cfg.TEST.SEM_SEG_EVAL:
+        if (
+            adapter.task == "panoptic_seg"
+            and cfg.TEST.SEM_SEG_EVAL
+            and adapter.sem_seg_in_dataset_classes
+            and meta.get("evaluator_type", None) in _PANOPTIC_EVALUATOR_TYPES
+        ):
             evaluators.append(
                 PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
             )
@@ -90,13 +92,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=build_panoptic_mapper(cfg, is_train=True))
+        # the model's adapter knows the mapper that builds its targets (None: detectron2's)
+        mapper = adapter_class(cfg.MODEL.META_ARCHITECTURE).train_mapper(cfg)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=build_panoptic_mapper(cfg, is_train=False)
-        )
+        mapper = adapter_class(cfg.MODEL.META_ARCHITECTURE).test_mapper(cfg)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's test, with predictions mapped to the data set's ids by the model's
+        adapter (a model with its own label convention, like PanopticFPN, scores correctly)."""
+        return super().test(cfg, AdapterInference(build_adapter(cfg, model)), evaluators)
 
     def build_hooks(self):
         """detectron2's hooks, plus attacked evaluation every ROBUSTNESS.TRAIN_EVAL_PERIOD

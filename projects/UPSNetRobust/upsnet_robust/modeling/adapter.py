@@ -61,7 +61,14 @@ class UPSNetAdapter(ModelAdapter):
         with eval_mode(self.model):
             return self.model.inference(inputs, panoptic_only=panoptic_only)
 
-    def test_mapper(self, cfg):
+    @classmethod
+    def test_mapper(cls, cfg):
         from ..data import build_panoptic_mapper
 
         return build_panoptic_mapper(cfg, is_train=False)
+
+    @classmethod
+    def train_mapper(cls, cfg):
+        from ..data import build_panoptic_mapper
+
+        return build_panoptic_mapper(cfg, is_train=True)
