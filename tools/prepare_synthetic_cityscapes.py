@@ -2,9 +2,10 @@
 # Copyright (c) UPSNetRobust authors.
 """Generate the synthetic Cityscapes-format panoptic data set.
 
-Writes ``leftImg8bit/``, ``gtFine/`` (labelIds, instanceIds, labelTrainIds) and the panoptic
-json + PNGs of cityscapesscripts' createPanopticImgs. An existing tree at ``--output`` is
-replaced; the new one is built beside it and moved into place when complete.
+Writes ``leftImg8bit/``, ``gtFine/`` (labelIds, instanceIds and labelTrainIds PNGs, polygons
+json) and the panoptic json + PNGs of cityscapesscripts' createPanopticImgs. An existing tree at
+``--output`` is replaced; the new one is built beside it and moved into place when complete.
+The same arguments give byte-identical files.
 
 Example::
 
