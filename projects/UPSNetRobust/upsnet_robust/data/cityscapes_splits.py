@@ -256,8 +256,6 @@ def register_synthetic_cityscapes_instance(
             image_root=image_dir,
             image_dir=image_dir,
             gt_dir=cityscapes_gt_split_dir(image_dir),
-            panoptic_root=gt_dir,
-            panoptic_json=gt_json,
             evaluator_type="coco",
             **get_cityscapes_instance_metadata(),
         )

@@ -72,13 +72,13 @@ def _describe_pickles(path: str, size: int, error: Optional[BaseException]) -> O
         count, index = 1, 0
         while index < count:
             try:
-                ops = list(pickletools.genops(f))
+                for position, (_, arg, _) in enumerate(pickletools.genops(f)):
+                    if index == 0 and position < 3 and arg == _LEGACY_TORCH_MAGIC:
+                        count = 5
             except Exception as e:  # ValueError, or struct / unicode errors on garbage
                 if f.tell() >= size:  # the parser ran into the end of the file
                     return f"its pickle data ends early: the file is truncated ({size} bytes)"
                 return f"its pickle data is damaged (corrupt): {type(e).__name__}: {e}"
-            if index == 0 and any(arg == _LEGACY_TORCH_MAGIC for _, arg, _ in ops[:3]):
-                count = 5
             index += 1
     message = str(error).lower() if error is not None else ""
     if isinstance(error, EOFError) or any(hint in message for hint in _EOF_HINTS):
@@ -132,8 +132,9 @@ class UPSNetCheckpointer(DetectionCheckpointer):
     ``torch.load(weights_only=True)``, so a checkpoint cannot run code on load.
 
     Pickle-based formats (``.pkl`` of the detectron2 / Caffe2 model zoos, ``.pyth``) and torch
-    files holding arbitrary objects need ``allow_unsafe=True`` (config ``MODEL.UNSAFE_LOAD_CHECKPOINT``).
-    A truncated, corrupt or non-checkpoint file raises :class:`UnreadableCheckpointError`.
+    files holding arbitrary objects need ``allow_unsafe=True`` (config
+    ``MODEL.UNSAFE_LOAD_CHECKPOINT``). A truncated, corrupt or non-checkpoint file raises
+    :class:`UnreadableCheckpointError`.
     """
 
     def __init__(self, model, save_dir="", *, allow_unsafe: bool = False, **kwargs):
