@@ -67,12 +67,14 @@ def test_generation_is_deterministic(tmp_path, synthetic_cityscapes_root):
     same = generate_synthetic_cityscapes(str(tmp_path / "same"), seed=0, **kwargs)
     other = generate_synthetic_cityscapes(str(tmp_path / "other"), seed=1, **kwargs)
     reference = _files(synthetic_cityscapes_root)
-    assert len(reference) == 6 * 5 + 2  # 4 PNGs + 1 panoptic PNG per image, 2 jsons
+    # 4 PNGs + polygons json + panoptic PNG per image, 2 panoptic jsons
+    assert len(reference) == 6 * 6 + 2
+    assert sum(k.endswith("_gtFine_polygons.json") for k in reference) == 6
     assert _files(same) == reference
     changed = _files(other)
     assert changed.keys() == reference.keys()
-    images = [k for k in reference if k.endswith("_leftImg8bit.png")]
-    assert all(changed[k] != reference[k] for k in images)
+    for suffix in ("_leftImg8bit.png", "_gtFine_polygons.json"):
+        assert all(changed[k] != reference[k] for k in reference if k.endswith(suffix)), suffix
 
 
 def test_regeneration_replaces_tree_atomically(tmp_path):

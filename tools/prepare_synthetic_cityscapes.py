@@ -2,9 +2,10 @@
 # Copyright (c) UPSNetRobust authors.
 """Generate the synthetic Cityscapes-format panoptic data set.
 
-Writes ``leftImg8bit/``, ``gtFine/`` (labelIds, instanceIds, labelTrainIds) and the panoptic
-json + PNGs of cityscapesscripts' createPanopticImgs. An existing tree at ``--output`` is
-replaced; the new one is built beside it and moved into place when complete.
+Writes ``leftImg8bit/``, ``gtFine/`` (labelIds, instanceIds and labelTrainIds PNGs, polygons
+json) and the panoptic json + PNGs of cityscapesscripts' createPanopticImgs. An existing tree at
+``--output`` is replaced; the new one is built beside it and moved into place when complete.
+The same arguments give byte-identical files.
 
 Example::
 
@@ -19,15 +20,20 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from upsnet_robust.data import SYNTHETIC_CITYSCAPES_DIRNAME, generate_synthetic_cityscapes
+from upsnet_robust.data import (
+    SYNTHETIC_CITYSCAPES_DIRNAME,
+    default_synthetic_cityscapes_root,
+    generate_synthetic_cityscapes,
+)
 
 logger = logging.getLogger("upsnet_robust.prepare_synthetic_cityscapes")
+
+_NAMES = "synthetic_cityscapes_fine_{panoptic,sem_seg,instance_seg}_{train,val}"
 
 
 def default_output_dir() -> str:
     """``$DETECTRON2_DATASETS/synthetic_cityscapes``, where the registered data sets look."""
-    datasets_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    return os.path.join(datasets_root, SYNTHETIC_CITYSCAPES_DIRNAME)
+    return default_synthetic_cityscapes_root()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -59,17 +65,14 @@ def main(argv=None) -> str:
     )
     if os.path.abspath(root) == os.path.abspath(default_output_dir()):
         usage = (
-            "It is registered as synthetic_cityscapes_fine_panoptic_{train,val}, e.g. "
+            f"It is registered as {_NAMES}, e.g. "
             "`python tools/train_net.py --config-file configs/Synthetic/upsnet_tiny.yaml`."
         )
     elif os.path.basename(root) == SYNTHETIC_CITYSCAPES_DIRNAME:
-        usage = (
-            f"Use it as synthetic_cityscapes_fine_panoptic_{{train,val}} with "
-            f"DETECTRON2_DATASETS={os.path.dirname(root)}."
-        )
+        usage = f"Use it as {_NAMES} with DETECTRON2_DATASETS={os.path.dirname(root)}."
     else:
         usage = (
-            "Register it with upsnet_robust.data.register_synthetic_cityscapes_panoptic("
+            "Register it with upsnet_robust.data.register_all_synthetic_cityscapes("
             f"{root!r}, name_prefix=...), or name the directory {SYNTHETIC_CITYSCAPES_DIRNAME} "
             "and point DETECTRON2_DATASETS at its parent."
         )

@@ -1,25 +1,27 @@
 # Copyright (c) UPSNetRobust authors.
-"""Registration of the synthetic Cityscapes-format panoptic data set.
+"""Panoptic splits of Cityscapes-format data sets (the synthetic one in particular).
 
-``synthetic_cityscapes_fine_panoptic_{train,val}`` are registered on import, rooted at
-``$DETECTRON2_DATASETS/synthetic_cityscapes`` (``DETECTRON2_DATASETS`` defaults to ``datasets``).
-They use detectron2's own :func:`load_cityscapes_panoptic` and the metadata of detectron2's
-``cityscapes_fine_panoptic_*`` splits, so everything written for real Cityscapes (evaluators,
-visualizer, mappers) works on them unchanged. Missing files are reported, when the data set is
-first loaded, by a :class:`FileNotFoundError` that names the path and the command creating it.
+``<prefix>_fine_panoptic_{train,val}`` give the dicts of detectron2's
+:func:`load_cityscapes_panoptic` (with the labelTrainIds path derived correctly for roots whose
+path contains a ".") and the metadata of detectron2's ``cityscapes_fine_panoptic_*`` splits, so
+everything written for real Cityscapes (evaluators, visualizer, mappers) works on them unchanged.
+Missing files are reported, when the data set is first loaded, by a :class:`FileNotFoundError`
+that names the path and the command creating it. The semantic and instance splits are in
+:mod:`.cityscapes_splits`, the default registration in :mod:`.builtin`.
 
 detectron2's builtin ``cityscapes_fine_panoptic_{train,val}`` stay as detectron2 registers them.
 """
 
 import copy
 import functools
+import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
-from detectron2.data.datasets.cityscapes_panoptic import load_cityscapes_panoptic
+from detectron2.data.datasets.cityscapes_panoptic import get_cityscapes_panoptic_files
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "REAL_CITYSCAPES_PREPARE_COMMAND",
     "get_cityscapes_panoptic_metadata",
     "check_cityscapes_panoptic_files",
+    "cityscapes_gt_split_dir",
     "load_cityscapes_panoptic_checked",
+    "register_or_replace",
     "register_synthetic_cityscapes_panoptic",
     "synthetic_cityscapes_prepare_command",
 ]
@@ -35,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_CITYSCAPES_DIRNAME = "synthetic_cityscapes"
+_IMAGE_SUFFIX = "_leftImg8bit.png"
 
 # split -> (image dir, panoptic PNG dir, panoptic json), relative to the data set root.
 _CITYSCAPES_PANOPTIC_SPLITS = {
@@ -120,32 +125,51 @@ def check_cityscapes_panoptic_files(
         raise _missing("Cityscapes panoptic json", gt_json, fix_command)
     if not PathManager.isdir(gt_dir):
         raise _missing("Cityscapes panoptic PNG directory", gt_dir, fix_command)
-    # detectron2 reads <gtFine path of the image>_labelTrainIds.png beside each image's labels.
-    sem_dir = image_dir.replace("leftImg8bit", "gtFine")
+    # The labelTrainIds PNGs lie in the gtFine twin of the image directory.
+    sem_dir = cityscapes_gt_split_dir(image_dir)
     if not PathManager.isdir(sem_dir):
         raise _missing("Cityscapes gtFine directory", sem_dir, fix_command)
     for city in sorted(PathManager.ls(image_dir)):
         city_dir = os.path.join(image_dir, city)
-        images = sorted(f for f in PathManager.ls(city_dir) if f.endswith("_leftImg8bit.png"))
+        images = sorted(f for f in PathManager.ls(city_dir) if f.endswith(_IMAGE_SUFFIX))
         if images:
-            first = os.path.join(city_dir, images[0])
-            if "." in os.path.dirname(first):
-                raise ValueError(
-                    "detectron2's load_cityscapes_panoptic finds the labelTrainIds PNG with "
-                    "`path.split('.')[0]`, so no directory of the data set path may contain a "
-                    f"'.': {first}. Move or link the data set to a path without dots."
-                )
-            sem_file = first.replace("leftImg8bit", "gtFine")[: -len(".png")] + "_labelTrainIds.png"
+            sem_file = _sem_seg_file_name(image_dir, os.path.join(city_dir, images[0]))
             if not PathManager.isfile(sem_file):
                 raise _missing("Cityscapes labelTrainIds image", sem_file, fix_command)
             return
     raise _missing("Cityscapes *_leftImg8bit.png images", image_dir, fix_command)
 
 
+def cityscapes_gt_split_dir(image_dir: str) -> str:
+    """The ``gtFine`` directory of a Cityscapes image directory (``.../leftImg8bit/train`` ->
+    ``.../gtFine/train``): its last ``leftImg8bit`` component is replaced, nothing else."""
+    parts = os.path.normpath(image_dir).split(os.sep)
+    if "leftImg8bit" not in parts:
+        raise ValueError(f"Not a Cityscapes image directory (no 'leftImg8bit' in it): {image_dir}")
+    index = len(parts) - 1 - parts[::-1].index("leftImg8bit")
+    parts[index] = "gtFine"
+    return os.sep.join(parts)
+
+
+def _sem_seg_file_name(image_dir: str, image_file: str) -> str:
+    relative = os.path.relpath(image_file, image_dir)  # <city>/<prefix>_leftImg8bit.png
+    return os.path.join(
+        cityscapes_gt_split_dir(image_dir),
+        relative[: -len(_IMAGE_SUFFIX)] + "_gtFine_labelTrainIds.png",
+    )
+
+
 def load_cityscapes_panoptic_checked(
     image_dir: str, gt_dir: str, gt_json: str, meta: Dict, fix_command: Optional[str] = None
 ) -> List[Dict]:
-    """detectron2's :func:`load_cityscapes_panoptic`, after :func:`check_cityscapes_panoptic_files`.
+    """detectron2's :func:`load_cityscapes_panoptic`, after :func:`check_cityscapes_panoptic_files`,
+    with the labelTrainIds path of every image derived correctly.
+
+    detectron2 derives ``sem_seg_file_name`` as ``file_name.replace("leftImg8bit", "gtFine")
+    .split(".")[0] + "_labelTrainIds.png"``, which cuts any path with a "." in a directory
+    name (``../data``, ``~/.cache``, ``cityscapes.v1``) short. This function builds the same
+    dicts (detectron2's own file discovery, the same fields and id mapping) with the path taken
+    from :func:`cityscapes_gt_split_dir` instead.
 
     Args:
         image_dir, gt_dir, gt_json, fix_command: see :func:`check_cityscapes_panoptic_files`.
@@ -157,7 +181,44 @@ def load_cityscapes_panoptic_checked(
         ``pan_seg_file_name``, ``segments_info`` with contiguous ``category_id``).
     """
     check_cityscapes_panoptic_files(image_dir, gt_dir, gt_json, fix_command)
-    return load_cityscapes_panoptic(image_dir, gt_dir, gt_json, meta)
+    with PathManager.open(gt_json) as f:
+        json_info = json.load(f)
+    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    dicts = []
+    for image_file, label_file, segments_info in get_cityscapes_panoptic_files(
+        image_dir, gt_dir, json_info
+    ):
+        for segment in segments_info:
+            category_id = segment["category_id"]
+            segment["category_id"] = thing_map.get(category_id, stuff_map.get(category_id))
+            if segment["category_id"] is None:
+                raise ValueError(
+                    f"{gt_json}: segment {segment.get('id')} of {label_file} has category_id "
+                    f"{category_id}, which the metadata maps neither as thing nor as stuff"
+                )
+        image_name = os.path.splitext(os.path.basename(image_file))[0]
+        dicts.append(
+            {
+                "file_name": image_file,
+                "image_id": "_".join(image_name.split("_")[:3]),
+                "sem_seg_file_name": _sem_seg_file_name(image_dir, image_file),
+                "pan_seg_file_name": label_file,
+                "segments_info": segments_info,
+            }
+        )
+    return dicts
+
+
+def register_or_replace(name: str, loader: Callable[[], List[Dict]], **metadata) -> None:
+    """Register ``loader`` and ``metadata`` under ``name`` in detectron2's catalogs, replacing an
+    earlier registration of that name (detectron2 refuses to register a name twice)."""
+    if name in DatasetCatalog.list():
+        logger.info(f"Re-registering data set {name}")
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
 
 
 def register_synthetic_cityscapes_panoptic(
@@ -175,7 +236,7 @@ def register_synthetic_cityscapes_panoptic(
     Returns:
         list[str]: the registered data set names.
     """
-    root = os.path.normpath(root)  # "./datasets/x" -> "datasets/x" (see the check above)
+    root = os.path.normpath(root)
     meta = get_cityscapes_panoptic_metadata()
     fix_command = synthetic_cityscapes_prepare_command(root)
     names = []
@@ -184,17 +245,12 @@ def register_synthetic_cityscapes_panoptic(
         image_dir = os.path.join(root, image_dir)
         gt_dir = os.path.join(root, gt_dir)
         gt_json = os.path.join(root, gt_json)
-        if name in DatasetCatalog.list():
-            logger.info(f"Re-registering data set {name} at {root}")
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name,
-            lambda x=image_dir, y=gt_dir, z=gt_json: load_cityscapes_panoptic_checked(
-                x, y, z, meta, fix_command
-            ),
+        loader = functools.partial(
+            load_cityscapes_panoptic_checked, image_dir, gt_dir, gt_json, meta, fix_command
         )
-        MetadataCatalog.get(name).set(
+        register_or_replace(
+            name,
+            loader,
             panoptic_root=gt_dir,
             image_root=image_dir,
             panoptic_json=gt_json,
@@ -206,11 +262,3 @@ def register_synthetic_cityscapes_panoptic(
         )
         names.append(name)
     return names
-
-
-def _default_root() -> str:
-    datasets_root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    return os.path.join(datasets_root, SYNTHETIC_CITYSCAPES_DIRNAME)
-
-
-register_synthetic_cityscapes_panoptic(_default_root())

@@ -25,13 +25,19 @@ ego vehicle 1        255     near-black strip at the bottom (void, like Cityscap
 Cars and persons carry a dark outline and every instance a slight colour jitter, so that
 touching instances of one class stay separable.
 
-The tree written by :func:`generate_synthetic_cityscapes` is what detectron2's
-``cityscapes_fine_panoptic_*`` loader expects::
+The tree written by :func:`generate_synthetic_cityscapes` is what detectron2's Cityscapes
+loaders (``cityscapes_fine_panoptic_*``, ``cityscapes_fine_sem_seg_*``) expect::
 
     <root>/leftImg8bit/{train,val}/<city>/<prefix>_leftImg8bit.png   prefix: <city>_<seq>_<frame>
     <root>/gtFine/{train,val}/<city>/<prefix>_gtFine_{labelIds,instanceIds,labelTrainIds}.png
+    <root>/gtFine/{train,val}/<city>/<prefix>_gtFine_polygons.json
     <root>/gtFine/cityscapes_panoptic_{train,val}.json      (cityscapesscripts createPanopticImgs)
     <root>/gtFine/cityscapes_panoptic_{train,val}/*.png
+
+The polygons json (read by detectron2's ``load_cityscapes_semantic`` and by cityscapesscripts)
+holds polygons traced from the label maps that reproduce them exactly when filled in file order,
+as cityscapesscripts' json2labelImg does (see :mod:`.cityscapes_polygons`). The same instance
+maps also give the instance splits (``<prefix>_fine_instance_seg_*``), through the panoptic PNGs.
 
 NOTE: city names contain no underscore: detectron2 builds ``image_id`` from the first three
 ``_``-separated fields of the file name, which must equal the panoptic json's image id.
@@ -53,6 +59,8 @@ from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.createPanopticImgs import convert2panoptic
 from tqdm import tqdm
+
+from .cityscapes_polygons import write_cityscapes_polygons_json
 
 __all__ = [
     "generate_synthetic_cityscapes",
@@ -476,6 +484,7 @@ def _write_sample(root: str, split: str, city: str, prefix: str, scene: Dict[str
     # 16-bit PNG, like Cityscapes' instanceIds (ids stay below 34000).
     _write_png(gt + "instanceIds.png", scene["instance_ids"].astype(np.uint16))
     _write_png(gt + "labelTrainIds.png", label_ids_to_train_ids(scene["label_ids"]))
+    write_cityscapes_polygons_json(gt + "polygons.json", scene["instance_ids"])
 
 
 def _sample_prefix(split: str, index: int) -> Tuple[str, str]:
@@ -493,7 +502,8 @@ def generate_synthetic_cityscapes(
     width: int = _REF_WIDTH,
     show_progress: bool = True,
 ) -> str:
-    """Write a synthetic Cityscapes-format panoptic data set to ``output_dir``.
+    """Write a synthetic Cityscapes-format data set (images, label PNGs, polygons json, panoptic
+    json and PNGs) to ``output_dir``.
 
     The tree is built in a temporary sibling directory and moved into place at the end, so an
     interrupted run never leaves a partial tree; an existing ``output_dir`` is replaced. Every
