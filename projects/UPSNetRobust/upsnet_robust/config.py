@@ -95,5 +95,9 @@ def add_robustness_config(cfg):
     # Convert the model to channels-last memory format (faster convolutions on tensor cores).
     _C.ROBUSTNESS.CHANNELS_LAST = False
 
+    # Set by the tools for LazyConfig runs: the model and test-data nodes as text, so the sweep's
+    # cache fingerprint follows the model definition (empty for YAML configs).
+    _C.MODEL.LAZY_CONFIG = ""
+
     # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
     add_defense_config(_C)

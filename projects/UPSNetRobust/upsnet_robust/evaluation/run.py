@@ -53,7 +53,7 @@ def _example_writer(cfg, output_dir):
     return write
 
 
-def run_robustness_sweep(cfg, model, config_file: str = ""):
+def run_robustness_sweep(cfg, model, config_file: str = "", mapper=None):
     """Run or resume the sweep, then (main process) write the report into cfg.OUTPUT_DIR.
 
     Returns:
@@ -63,7 +63,12 @@ def run_robustness_sweep(cfg, model, config_file: str = ""):
     if cfg.ROBUSTNESS.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     sweep = RobustnessSweep(
-        cfg, model, cfg.MODEL.WEIGHTS, output_dir, on_example=_example_writer(cfg, output_dir)
+        cfg,
+        model,
+        cfg.MODEL.WEIGHTS,
+        output_dir,
+        on_example=_example_writer(cfg, output_dir),
+        mapper=mapper,
     )
     cells = sweep.run()
     if not comm.is_main_process():

@@ -112,10 +112,16 @@ class RobustnessSweep:
         output_dir (str): where the cache, results and examples go.
         on_example (callable): ``(pass_spec, input, clean, adv, defended, outputs)`` for the
             first ``ROBUSTNESS.NUM_EXAMPLES`` images of each attacked pass (main process).
+        adapter (ModelAdapter): the model's adapter (default: ``build_adapter(cfg, model)``).
+        mapper (callable): the test-time dataset mapper (default: the adapter's, else
+            detectron2's ``DatasetMapper``), e.g. a LazyConfig's ``dataloader.test.mapper``.
     """
 
-    def __init__(self, cfg, model, weights: str, output_dir: str, on_example=None, adapter=None):
+    def __init__(
+        self, cfg, model, weights: str, output_dir: str, on_example=None, adapter=None, mapper=None
+    ):
         self.cfg = cfg
+        self.mapper = mapper
         self.model = model
         self.dataset_name = cfg.DATASETS.TEST[0]
         # Everything that can fail on the config fails here, before data or model work.
@@ -148,8 +154,8 @@ class RobustnessSweep:
         return dicts[:n] if n > 0 else dicts
 
     def _loader(self):
-        mapper = self.adapter.test_mapper(self.cfg) or DatasetMapper(self.cfg, is_train=False)
-        mapper = RobustMapper(mapper)
+        mapper = self.mapper or self.adapter.test_mapper(self.cfg)
+        mapper = RobustMapper(mapper or DatasetMapper(self.cfg, is_train=False))
         return build_detection_test_loader(
             self._dataset(),
             mapper=mapper,
