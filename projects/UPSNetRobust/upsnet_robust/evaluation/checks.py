@@ -1,14 +1,12 @@
 # Copyright (c) UPSNetRobust authors.
 """Set-up checks of a robustness run: everything that can be known to fail before the model
 runs on a single image (model adapter, attack/objective pairs, data set, evaluator)."""
-import difflib
 from typing import Iterable, List
-
-from detectron2.data import DatasetCatalog
 
 from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
 from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError
+from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
 
 __all__ = [
     "check_attack_objective",
@@ -90,20 +88,6 @@ def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: s
             f"dense objective, but ROBUSTNESS.OBJECTIVE is {name!r}; {instead}"
         )
     return name
-
-
-def check_dataset_registered(name: str, key: str = "DATASETS.TEST") -> None:
-    """KeyError naming ``key``, the data set and the registered ones (closest first)."""
-    registered = list(DatasetCatalog.list())
-    if name in registered:
-        return
-    close = difflib.get_close_matches(name, registered, n=5, cutoff=0.5)
-    rest = sorted(set(registered) - set(close))
-    raise KeyError(
-        f"{key} names data set {name!r}, which is not registered. "
-        + (f"Closest: {', '.join(close)}. " if close else "")
-        + f"Registered: {', '.join(rest)}"
-    )
 
 
 def check_sweep_attacks(
