@@ -7,6 +7,7 @@ against the ground-truth instances) can attack them; the dense objectives and at
 rejected at set-up. Subclasses with their own adapter (UPSNet) keep theirs: adapters are looked
 up by the model's class before its bases.
 """
+
 from typing import Dict, FrozenSet, List, Optional
 
 from detectron2.data import DatasetMapper

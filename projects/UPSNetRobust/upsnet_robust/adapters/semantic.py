@@ -8,6 +8,7 @@ head, then cropped per image), so the dense objectives attack exactly the logits
 predicts from; its training losses are the head's (cross-entropy or DeepLab's hard-pixel-mining
 loss) against the ground-truth ``sem_seg``.
 """
+
 import logging
 from collections import OrderedDict
 from typing import Dict, FrozenSet, List, Optional
