@@ -8,3 +8,9 @@ from .base import *  # noqa: F401,F403
 from .base import __all__ as _base_all
 
 __all__ = list(_base_all)
+
+# detectron2's meta-architectures (registered on import)
+from .rcnn import GeneralizedRCNNAdapter  # noqa: E402
+from .semantic import SemanticSegmentorAdapter  # noqa: E402
+
+__all__ += ["GeneralizedRCNNAdapter", "SemanticSegmentorAdapter"]

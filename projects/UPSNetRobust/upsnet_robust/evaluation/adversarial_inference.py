@@ -135,6 +135,9 @@ class AdversarialInference(nn.Module):
         self.records: List[Dict] = []
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
+        # The model's mode, not nn.Module's default (training): inference_on_dataset puts the
+        # wrapper back in its mode afterwards, and with it the model.
+        self.train(model.training)
 
     @property
     def _device(self) -> torch.device:

@@ -52,6 +52,21 @@ def _usable_objectives(adapter: ModelAdapter) -> List[str]:
     ]
 
 
+def _usable_attacks(adapter: ModelAdapter) -> List[str]:
+    """Attacks the adapter can serve with some objective (those needing no capability it
+    lacks)."""
+    names = []
+    for name, cls in sorted(ATTACK_REGISTRY):
+        required = getattr(cls, "required_objective", None)
+        needs = getattr(objective_class(required), "requires", "") if required else ""
+        if needs and not adapter.has(needs):
+            continue
+        if getattr(cls, "needs_dense_objective", False) and not _dense_objectives(adapter):
+            continue
+        names.append(name)
+    return names
+
+
 def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: str) -> str:
     """Check that ``adapter``'s model can serve ``attack_name`` with ``objective``; returns the
     objective the attack will use.
@@ -66,26 +81,30 @@ def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: s
     obj_cls = objective_class(name)
     arch = adapter.meta_architecture
     needs = getattr(obj_cls, "requires", "")
+    dense_attack = getattr(cls, "needs_dense_objective", False)
+    where = f"which its adapter ({type(adapter).__name__}) does not expose"
+    if (name != objective and needs and not adapter.has(needs)) or (
+        dense_attack and not _dense_objectives(adapter)
+    ):  # no objective makes this attack work on this model
+        what = needs if name != objective else DENSE_LOGITS
+        raise UnsupportedModelError(
+            f"{arch}: attack {attack_name!r} (objective {name!r}) needs the model's "
+            f"{what.replace('_', ' ')}, {where}. Use one of the attacks "
+            f"{', '.join(_usable_attacks(adapter)) or 'none'} in ROBUSTNESS.ATTACKS, with "
+            f"ROBUSTNESS.OBJECTIVE one of {', '.join(_usable_objectives(adapter)) or 'none'}"
+        )
     if needs and not adapter.has(needs):
-        usable = _usable_objectives(adapter)
+        usable = _dense_objectives(adapter) if dense_attack else _usable_objectives(adapter)
         raise UnsupportedModelError(
             f"{arch}: attack {attack_name!r} with objective {name!r} needs the model's "
-            f"{needs.replace('_', ' ')}, which its adapter ({type(adapter).__name__}) does not "
-            f"expose. Objectives this model supports: {', '.join(usable) or 'none'}"
-            + ("" if name == objective else f" (attack {attack_name!r} only works with {name!r})")
+            f"{needs.replace('_', ' ')}, {where}. Set ROBUSTNESS.OBJECTIVE to one of "
+            f"{', '.join(usable) or 'none'}"
         )
-    if getattr(cls, "needs_dense_objective", False) and (
-        not getattr(obj_cls, "dense", False) or name == "least_likely"
-    ):
-        dense = _dense_objectives(adapter)
-        instead = (
-            f"set ROBUSTNESS.OBJECTIVE to one of {', '.join(dense)}"
-            if dense
-            else f"use an attack that needs no dense logits ({arch} has none), e.g. pgd"
-        )
+    if dense_attack and (not getattr(obj_cls, "dense", False) or name == "least_likely"):
         raise UnsupportedModelError(
             f"{arch}: attack {attack_name!r} weights a per-pixel loss and needs an untargeted "
-            f"dense objective, but ROBUSTNESS.OBJECTIVE is {name!r}; {instead}"
+            f"dense objective, but ROBUSTNESS.OBJECTIVE is {name!r}; set ROBUSTNESS.OBJECTIVE "
+            f"to one of {', '.join(_dense_objectives(adapter))}"
         )
     return name
 
