@@ -108,9 +108,11 @@ def test_real_sweep_example_grid_shows_the_clean_prediction(real_sweep):
     y = TITLE_HEIGHT + LABEL_HEIGHT
     image, result, blank = (grid[y : y + h, k * w : (k + 1) * w].astype(int) for k in range(3))
     assert np.all(blank == blank[0, 0])  # the clean row's third panel is empty
-    # The clean prediction is drawn over the clean image: most pixels are tinted.
+    # The clean prediction is drawn over the clean image: most pixels are tinted, and the
+    # panel is a picture (not a uniform blank panel).
     changed = np.abs(result - image).sum(axis=-1) > 0
     assert changed.mean() > 0.5, changed.mean()
+    assert len(np.unique(result.reshape(-1, 3), axis=0)) > 100
     # and it is labelled.
     assert grid[TITLE_HEIGHT : TITLE_HEIGHT + LABEL_HEIGHT, w : 2 * w].max() > 100
 

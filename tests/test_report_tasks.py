@@ -476,8 +476,9 @@ class _FakeSemanticModel(torch.nn.Module):
     def forward(self, batched_inputs):
         self.calls.append((self.training, torch.is_grad_enabled(), batched_inputs[0]["image"]))
         labels, _ = _segments()
-        logits = torch.full((19, H, W), -1.0) + self.weight
-        for c in (0, 13):
+        labels[labels == 255] = 2  # building elsewhere
+        logits = torch.zeros(19, H, W) + self.weight
+        for c in (0, 2, 13):
             logits[c, torch.from_numpy(labels == c)] = 5.0
         return [{"sem_seg": logits}]
 
@@ -503,8 +504,14 @@ def test_example_writer_infers_and_draws_the_clean_prediction(tmp_path):
     grid = cv2.imread(str(tmp_path / "examples" / "ifgsm_eps4_img0.png"))
     image_panel, result_panel = _clean_panels(grid, TITLE_HEIGHT)
     assert np.array_equal(image_panel, _image())
-    _, drawn = _segments()
-    assert _changed(result_panel, image_panel)[drawn].mean() > 0.9
+    # Road, car and building are painted over the image, each in its own colour.
+    assert _changed(result_panel, image_panel).mean() > 0.9
+    road, car, building = (
+        tuple(np.median(result_panel[rows, cols].reshape(-1, 3), axis=0))
+        for rows, cols in ((slice(4, 12), slice(100, 140)), (slice(70, 80), slice(30, 50)),
+                           (slice(40, 50), slice(100, 140)))
+    )  # fmt: skip
+    assert len({road, car, building}) == 3
 
     # Clean outputs given by the caller (the sweep): the model is not run again.
     write(
@@ -519,4 +526,6 @@ def test_example_writer_infers_and_draws_the_clean_prediction(tmp_path):
     assert len(model.calls) == 1
     grid = cv2.imread(str(tmp_path / "examples" / "ifgsm_eps4_img1.png"))
     image_panel, result_panel = _clean_panels(grid, TITLE_HEIGHT)
-    assert _changed(result_panel, image_panel)[drawn].mean() > 0.9
+    _, drawn = _segments()
+    changed = _changed(result_panel, image_panel)
+    assert changed[drawn].mean() > 0.9 and changed[~drawn].mean() < 0.1
