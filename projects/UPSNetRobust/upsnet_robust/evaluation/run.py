@@ -11,6 +11,7 @@ import detectron2
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
+from ..adapters.base import AdapterInference, build_adapter
 from .examples import save_example_grid
 from .report import format_table, write_report
 from .sweep import RobustnessSweep, tensor_to_hwc_uint8
@@ -29,22 +30,41 @@ def hardware_description(device: str) -> str:
     return f"{line}, {comm.get_world_size()} process(es)"
 
 
-def _example_writer(cfg, output_dir):
+def _clean_prediction(model, x, clean):
+    """The model's output dict on the clean image ``clean`` (3, H, W) of input dict ``x``: the
+    example grids' reference result. Runs in eval mode without gradients; the model's mode is
+    restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model([dict(x, image=clean)])[0]
+    finally:
+        model.train(was_training)
+
+
+def _example_writer(cfg, output_dir, model):
+    """The sweep's ``on_example`` callback: one grid per example image of an attacked pass,
+    with the model's result on the clean, adversarial and (first non-"none") defended image."""
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
     folder = os.path.join(output_dir, "examples")
     os.makedirs(folder, exist_ok=True)
 
-    def write(spec, x, clean, adv, defended, outputs):
+    def write(spec, x, clean, adv, defended, outputs, clean_outputs=None):
+        # The sweep may pass the clean outputs it computed; else infer them here.
+        if clean_outputs is None:
+            clean_outputs = _clean_prediction(model, x, clean)
         defended_name = next((d for d in defended if d != "none"), None)
         name = f"{spec['attack']}_eps{spec['eps']:g}_{x.get('image_id', 'image')}.png"
         save_example_grid(
             os.path.join(folder, name),
             tensor_to_hwc_uint8(clean),
             tensor_to_hwc_uint8(adv),
-            outputs["none"]["panoptic_seg"] if "none" in outputs else None,
+            outputs.get("none"),
             metadata,
             defended_image=tensor_to_hwc_uint8(defended[defended_name]) if defended_name else None,
-            panoptic_def=outputs[defended_name]["panoptic_seg"] if defended_name else None,
+            panoptic_def=outputs.get(defended_name) if defended_name else None,
+            panoptic_clean=clean_outputs,
             amplification=cfg.ROBUSTNESS.DIFF_AMPLIFICATION,
             input_format=cfg.INPUT.FORMAT,
             title=f"{spec['attack']} eps={spec['eps']:g} {x.get('image_id', '')}",
@@ -62,12 +82,15 @@ def run_robustness_sweep(cfg, model, config_file: str = "", mapper=None):
     output_dir = cfg.OUTPUT_DIR
     if cfg.ROBUSTNESS.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
+    # the clean panels of the example grids are drawn from predictions in the data set's ids
+    adapter = build_adapter(cfg, model)
     sweep = RobustnessSweep(
         cfg,
         model,
         cfg.MODEL.WEIGHTS,
         output_dir,
-        on_example=_example_writer(cfg, output_dir),
+        on_example=_example_writer(cfg, output_dir, AdapterInference(adapter)),
+        adapter=adapter,
         mapper=mapper,
     )
     cells = sweep.run()

@@ -1,0 +1,282 @@
+# Copyright (c) UPSNetRobust authors.
+"""Sanity checks of a sweep's cells: the consistency an honest robustness evaluation reports.
+
+Each kind of check is one function ``check_<kind>(cells, tol) -> list of check dicts``; the
+kinds are listed in :data:`CHECKS`, in report order, and :func:`sanity_checks` runs them all.
+Every check compares the cells' headline metric (``PQ``, ``mIoU``, ``AP``: see
+:mod:`.cells`) with an absolute tolerance of :data:`METRIC_TOLERANCE` = 0.5 points of that
+metric: a stronger setting may score up to 0.5 points *above* a weaker one before it is
+flagged. That absorbs evaluation noise on small image subsets (one segment flipping on 30
+images moves PQ by roughly that much) without hiding a real inversion. A violated check is
+always reported, never dropped.
+
+A new kind of check: write ``check_<kind>`` with the same signature, returning one
+:func:`make_check` dict per compared group, and add it to :data:`CHECKS`.
+"""
+
+from collections import OrderedDict
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from ._format import fmt_eps, min_score, series_label, unique
+from .cells import CellLike, ResultCell, as_cells, report_kind
+
+__all__ = [
+    "CHECKS",
+    "METRIC_TOLERANCE",
+    "PQ_TOLERANCE",
+    "SINGLE_STEP_ATTACKS",
+    "check_adaptive_vs_transfer",
+    "check_all_cells_scored",
+    "check_iterative_vs_single_step",
+    "check_monotone_eps",
+    "check_more_restarts",
+    "check_more_steps",
+    "make_check",
+    "sanity_checks",
+]
+
+# Absolute tolerance, in points (0-100 scale) of the headline metric, of every sanity check.
+METRIC_TOLERANCE = 0.5
+PQ_TOLERANCE = METRIC_TOLERANCE  # the name from the panoptic-only report
+
+# Attacks that take one gradient step; every other non-clean attack counts as iterative.
+SINGLE_STEP_ATTACKS = ("fgsm",)
+
+
+def make_check(name: str, passed: bool, detail: str) -> Dict:
+    """One check result: ``{"check": "<kind>: <what>", "passed": bool, "detail": str}``."""
+    return {"check": name, "passed": bool(passed), "detail": detail}
+
+
+class _Scored(NamedTuple):
+    metric: str
+    clean: Dict[str, List[ResultCell]]  # defense -> its scored clean cells
+    attacked: List[ResultCell]  # scored attacked cells
+
+
+def _scored(cells: Sequence[CellLike]) -> Tuple[List[ResultCell], _Scored]:
+    cells = as_cells(cells)
+    metric = report_kind(cells).metric
+    clean = OrderedDict()
+    for c in cells:
+        if c.is_clean and c.score is not None:
+            clean.setdefault(c.defense_name, []).append(c)
+    attacked = [c for c in cells if not c.is_clean and c.score is not None]
+    return cells, _Scored(metric, clean, attacked)
+
+
+def _group(cells, key: Callable) -> "OrderedDict":
+    groups = OrderedDict()
+    for c in cells:
+        groups.setdefault(key(c), []).append(c)
+    return groups
+
+
+def _ordered_not_weaker(points: List[Tuple[float, float]], tol: float, metric: str) -> List[str]:
+    """Points ``(strength, score)`` sorted by strength: each score must be <= the minimum score
+    of every strictly weaker point + ``tol``. Returns a description of each violation."""
+    bad = []
+    best: Optional[Tuple[float, float]] = None  # (strength, score) of the lowest score so far
+    i = 0
+    while i < len(points):
+        j = i
+        while j < len(points) and points[j][0] == points[i][0]:
+            j += 1
+        group = points[i:j]
+        if best is not None:
+            for s, v in group:
+                if v > best[1] + tol:
+                    bad.append(f"{s:g}: {metric} {v:.2f} > {best[1]:.2f} at {best[0]:g} + {tol:g}")
+        for s, v in group:
+            if best is None or v < best[1]:
+                best = (s, v)
+        i = j
+    return bad
+
+
+def _adaptive_suffix(adaptive: bool) -> str:
+    return " (adaptive)" if adaptive else ""
+
+
+def check_all_cells_scored(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """``all_cells_scored``: every cell has a finite headline metric (a missing one is a failed
+    evaluation). The other checks leave unscored cells out."""
+    cells, s = _scored(cells)
+    missing = [c for c in cells if c.score is None]
+    detail = f"{len(cells) - len(missing)} of {len(cells)} cells have a finite {s.metric}"
+    if missing:
+        detail += "; missing: " + ", ".join(
+            f"{c.attack}@{fmt_eps(c.eps_value)}/{c.defense_name}" for c in missing
+        )
+    return [make_check("all_cells_scored", not missing, detail)]
+
+
+def check_monotone_eps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """``monotone_eps``, one per (attack, objective, defense, adaptive) series: the metric is
+    non-increasing in eps, with the clean cell of the same defense as eps 0. Each point is
+    compared with the *lowest* score at any smaller eps (not only its neighbour), so a slow
+    upward drift of less than ``tol`` per step is still caught. Where one eps has several cells
+    (step counts, restarts) the lowest score stands for it; :func:`check_more_steps` compares
+    those."""
+    _, s = _scored(cells)
+    checks = []
+    series = _group(s.attacked, lambda c: (c.attack, c.objective, c.defense_name, c.is_adaptive))
+    for (attack, objective, defense, adaptive), group in series.items():
+        by_eps = _group(sorted(group, key=lambda c: c.eps_value), lambda c: c.eps_value)
+        points = [(e, min_score(cs)) for e, cs in by_eps.items()]
+        if defense in s.clean:
+            points.insert(0, (0.0, min_score(s.clean[defense])))
+        bad = _ordered_not_weaker(points, tol, s.metric)
+        curve = ", ".join(
+            f"{'clean' if (k == 0 and defense in s.clean) else fmt_eps(e)}: {v:.2f}"
+            for k, (e, v) in enumerate(points)
+        )
+        label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+        detail = f"{s.metric} by eps [{curve}]"
+        if bad:
+            detail += "; increases beyond tolerance at eps " + "; ".join(bad)
+        checks.append(make_check(f"monotone_eps: {label}", not bad, detail))
+    return checks
+
+
+def check_iterative_vs_single_step(
+    cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
+) -> List[Dict]:
+    """``iterative_vs_single_step``, per (objective, eps, defense, adaptive) with both an "fgsm"
+    cell and an iterative attack ("ifgsm", "pgd", "mifgsm", ...: every non-clean attack not in
+    :data:`SINGLE_STEP_ATTACKS`): ``score_iterative <= score_fgsm + tol``. Keyed by objective,
+    so ILLC (least-likely targets) is not held against FGSM on the training loss."""
+    _, s = _scored(cells)
+    checks = []
+    settings = _group(
+        s.attacked, lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive)
+    )
+    for (objective, eps, defense, adaptive), group in settings.items():
+        single = [c for c in group if c.attack in SINGLE_STEP_ATTACKS]
+        if not single:
+            continue
+        ref = min_score(single)
+        for attack in unique(c.attack for c in group if c.attack not in SINGLE_STEP_ATTACKS):
+            its = [c for c in group if c.attack == attack]
+            value = min_score(its)
+            steps = sorted({c.steps for c in its})
+            ok = value <= ref + tol
+            label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+            detail = (
+                f"eps {fmt_eps(eps)}: {attack} {s.metric} {value:.2f} (steps {steps}) vs fgsm "
+                f"{s.metric} {ref:.2f}; {'ok' if ok else 'iterative WEAKER than single-step'} "
+                f"(tol {tol:g})"
+            )
+            name = f"iterative_vs_single_step: {label} eps={fmt_eps(eps)}"
+            checks.append(make_check(name, ok, detail))
+    return checks
+
+
+def check_adaptive_vs_transfer(
+    cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
+) -> List[Dict]:
+    """``adaptive_vs_transfer``, per (attack, objective, eps, defense) with both adaptive and
+    defense-unaware cells: the strongest adaptive score <= the strongest unaware one + ``tol``
+    (an attack that knows the defense must not do worse than one that ignores it)."""
+    _, s = _scored(cells)
+    checks = []
+    groups = _group(s.attacked, lambda c: (c.attack, c.objective, c.eps_value, c.defense_name))
+    for (attack, objective, eps, defense), group in groups.items():
+        ada = [c for c in group if c.is_adaptive]
+        non = [c for c in group if not c.is_adaptive]
+        if not ada or not non:
+            continue
+        va, vn = min_score(ada), min_score(non)
+        ok = va <= vn + tol
+        detail = (
+            f"eps {fmt_eps(eps)}: adaptive {s.metric} {va:.2f} vs non-adaptive {s.metric} "
+            f"{vn:.2f}; {'ok' if ok else 'adaptive WEAKER than transfer'} (tol {tol:g})"
+        )
+        label = series_label(attack, objective, defense)
+        checks.append(make_check(f"adaptive_vs_transfer: {label} eps={fmt_eps(eps)}", ok, detail))
+    return checks
+
+
+def _configs(attacked: List[ResultCell]) -> "OrderedDict":
+    return _group(
+        attacked, lambda c: (c.attack, c.objective, c.eps_value, c.defense_name, c.is_adaptive)
+    )
+
+
+def check_more_steps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """``more_steps``, per (attack, objective, eps, defense, adaptive) with several
+    ``num_steps``: the score at more steps <= the lowest score at fewer steps + ``tol``."""
+    _, s = _scored(cells)
+    checks = []
+    for (attack, objective, eps, defense, adaptive), group in _configs(s.attacked).items():
+        steps = sorted({c.steps for c in group})
+        if len(steps) < 2:
+            continue
+        points = [(float(n), min_score(c for c in group if c.steps == n)) for n in steps]
+        bad = _ordered_not_weaker(points, tol, s.metric)
+        curve = ", ".join(f"{int(n)}: {v:.2f}" for n, v in points)
+        detail = f"eps {fmt_eps(eps)}: {s.metric} by num_steps [{curve}]"
+        if bad:
+            detail += "; more steps WEAKER at steps " + "; ".join(bad)
+        label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+        checks.append(make_check(f"more_steps: {label} eps={fmt_eps(eps)}", not bad, detail))
+    return checks
+
+
+def check_more_restarts(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """``more_restarts``: as :func:`check_more_steps` over ``restarts`` at fixed ``num_steps``
+    (extra restarts of a converged attack should change nothing, and never help the model)."""
+    _, s = _scored(cells)
+    checks = []
+    for (attack, objective, eps, defense, adaptive), group in _configs(s.attacked).items():
+        label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+        for n in sorted({c.steps for c in group}):
+            same = [c for c in group if c.steps == n]
+            restarts = sorted({c.restart_count for c in same})
+            if len(restarts) < 2:
+                continue
+            points = [
+                (float(r), min_score(c for c in same if c.restart_count == r)) for r in restarts
+            ]
+            bad = _ordered_not_weaker(points, tol, s.metric)
+            curve = ", ".join(f"{int(r)}: {v:.2f}" for r, v in points)
+            detail = f"eps {fmt_eps(eps)}, {n} steps: {s.metric} by restarts [{curve}]"
+            if bad:
+                detail += "; more restarts WEAKER at restarts " + "; ".join(bad)
+            name = f"more_restarts: {label} eps={fmt_eps(eps)} steps={n}"
+            checks.append(make_check(name, not bad, detail))
+    return checks
+
+
+# Every kind of check, in report order.
+CHECKS = OrderedDict(
+    [
+        ("all_cells_scored", check_all_cells_scored),
+        ("monotone_eps", check_monotone_eps),
+        ("iterative_vs_single_step", check_iterative_vs_single_step),
+        ("adaptive_vs_transfer", check_adaptive_vs_transfer),
+        ("more_steps", check_more_steps),
+        ("more_restarts", check_more_restarts),
+    ]
+)
+
+
+def sanity_checks(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """Run every check of :data:`CHECKS` on the cells of one report.
+
+    "A at least as strong as B" passes when ``score_A <= score_B + tol``, the score being each
+    cell's headline metric and ``tol`` in its points. Cells without a finite score are left
+    out of the comparisons and reported by ``all_cells_scored``.
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells of one model and task
+            (:func:`~.cells.report_kind`; mixed cells raise ValueError).
+        tol (float): tolerance in points of the headline metric.
+
+    Returns:
+        list[dict]: ``{"check": name, "passed": bool, "detail": str}`` per check instance,
+        violations included. Kinds with no applicable cells produce no entry.
+    """
+    cells = as_cells(cells)
+    report_kind(cells)
+    return [c for check in CHECKS.values() for c in check(cells, tol)]

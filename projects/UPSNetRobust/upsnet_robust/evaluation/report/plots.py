@@ -1,0 +1,262 @@
+# Copyright (c) UPSNetRobust authors.
+"""The report's figures: headline metric vs eps, and time per image vs eps.
+
+Drawn on a matplotlib Agg canvas (no pyplot, so no global backend switch) and written
+atomically.
+"""
+
+import io
+import logging
+from collections import OrderedDict
+from typing import List, Sequence
+
+from ...utils.io import atomic_write
+from ._format import fmt_eps, unique
+from .cells import UNDEFENDED, CellLike, ResultCell, as_cells, cell_order, clean_scores
+from .cells import report_kind
+
+__all__ = ["metric_vs_eps_figure", "plot_pq_vs_eps", "plot_time_vs_eps"]
+
+logger = logging.getLogger(__name__)
+
+_DPI = 120
+_MARKERS = "osD^vP*Xh<>"
+_TASK_TITLES = {
+    "panoptic_seg": "Panoptic quality",
+    "sem_seg": "Semantic segmentation",
+    "instances": "Instance segmentation",
+}
+
+
+def _new_figure(ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5 * ncols, 5.0), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save_figure(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    atomic_write(path, buf.getvalue(), mode="wb")
+
+
+def _colors(n: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _series(cells: Sequence[ResultCell], value_key: str, reduce=min):
+    """Attacked cells grouped by (attack, objective, defense, adaptive), as sorted
+    ``(eps, value)`` points with eps > 0; several cells at one eps are reduced with ``reduce``
+    (min for a metric: the strongest setting; max for times: the most expensive one)."""
+    groups = OrderedDict()
+    for c in cell_order(cells):
+        v = c.value(value_key)
+        if c.is_clean or v is None:
+            continue
+        if c.eps_value <= 0:
+            logger.warning(
+                "Cell %s at eps %s cannot be drawn on a log axis; skipped", c.attack, c.eps
+            )
+            continue
+        key = (c.attack, c.objective, c.defense_name, c.is_adaptive)
+        groups.setdefault(key, OrderedDict()).setdefault(c.eps_value, []).append(v)
+    return OrderedDict(
+        (k, [(e, reduce(vs)) for e, vs in sorted(pts.items())]) for k, pts in groups.items()
+    )
+
+
+def _label(attack, objective, defense, adaptive, objectives: int) -> str:
+    name = str(attack) + (f" [{objective}]" if objectives > 1 else "")
+    if defense == UNDEFENDED:
+        return name + (" (adaptive)" if adaptive else " (attacked)")
+    return f"{name} + {defense}" + (" (adaptive)" if adaptive else " (defended)")
+
+
+def _style_log_eps(ax, eps_values: List[float]) -> None:
+    if eps_values:
+        ax.set_xscale("log")
+        ax.set_xticks(eps_values)
+        ax.set_xticklabels([fmt_eps(e) for e in eps_values])
+        ax.minorticks_off()
+        lo, hi = min(eps_values), max(eps_values)
+        ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_xlabel("eps (L-inf budget, 0-255 pixel scale, log axis)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _legend(ax, max_inside: int = 8, outside: str = "right") -> None:
+    """Legend inside the axes for a few entries; for many, beside them (``outside="right"``) or
+    under them (``"below"``, for side-by-side panels)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) <= max_inside:
+        ax.legend(fontsize=8, loc="best")
+    elif outside == "below":
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        ncol = 1 if len(handles) <= 24 else 2
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
+
+
+def metric_vs_eps_figure(cells: Sequence[CellLike]):
+    """The figure :func:`plot_pq_vs_eps` saves (a matplotlib ``Figure`` with one axes)."""
+    cells = as_cells(cells)
+    kind = report_kind(cells)
+    fig, (ax,) = _new_figure()
+    defenses = unique(c.defense_name for c in cell_order(cells))
+    clean = clean_scores(cells)
+    series = _series(cells, kind.metric, min)
+    attacks = unique(k[0] for k in series)
+    by_defense = len(attacks) <= 1  # one attack: colours tell the defenses apart
+    colors = _colors(max(1, len(defenses) if by_defense else len(attacks)))
+    greys = ["0.15", "0.45", "0.65", "0.3", "0.55", "0.75"]
+    dashes = [(5, 3), (2, 2), (8, 3, 2, 3), (4, 1), (1, 3), (6, 2, 1, 2)]
+    for i, d in enumerate(d for d in defenses if d in clean):
+        ax.axhline(
+            clean[d],
+            color=colors[defenses.index(d)] if by_defense else greys[i % len(greys)],
+            linestyle="--",
+            dashes=dashes[i % len(dashes)],
+            linewidth=1.0 if by_defense else 1.2,
+            alpha=0.7 if by_defense else 1.0,
+            label="clean" if d == UNDEFENDED else f"clean + {d}",
+        )
+    objectives = len({k[1] for k in series})
+    for (attack, objective, defense, adaptive), pts in series.items():
+        ax.plot(
+            [e for e, _ in pts],
+            [v for _, v in pts],
+            color=colors[defenses.index(defense)] if by_defense else colors[attacks.index(attack)],
+            marker=_MARKERS[defenses.index(defense) % len(_MARKERS)],
+            linestyle=":" if adaptive else ("-" if defense == UNDEFENDED else "-."),
+            linewidth=1.6,
+            markersize=5,
+            label=_label(attack, objective, defense, adaptive, objectives),
+        )
+    _style_log_eps(ax, sorted({e for pts in series.values() for e, _ in pts}))
+    ax.set_ylabel(f"{kind.metric} (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{_TASK_TITLES[kind.task]} under attack ({kind.metric} vs eps)")
+    _legend(ax)
+    return fig
+
+
+def plot_pq_vs_eps(cells: Sequence[CellLike], path: str) -> str:
+    """The headline metric (PQ, mIoU or AP: the cells' ``metric``) against eps; the name and
+    the file name ``pq_vs_eps.png`` date from the panoptic-only report and are kept.
+
+    The clean score of each defense is a horizontal dashed line (eps is on a log axis, so the
+    clean point cannot sit at eps 0). Each attack undefended is a solid line ("attacked"), each
+    defense-unaware attack with each defense a dash-dot line ("defended"), each adaptive attack
+    (BPDA/EOT through that defense) a dotted line in the same colour and marker as its
+    defense-unaware counterpart. With several attacks: one colour per attack, one marker per
+    defense, grey clean lines; with one attack: one colour per defense (its clean line too).
+    Where one eps has several cells of a series (step counts, restarts) the lowest score is
+    drawn. Many series put the legend beside the axes.
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells of one model and task.
+        path (str): output PNG (written atomically).
+
+    Returns:
+        str: ``path``.
+    """
+    _save_figure(metric_vs_eps_figure(cells), path)
+    return path
+
+
+def _plot_attack_times(ax, cells: Sequence[ResultCell]) -> int:
+    """Attack seconds per image per (attack, objective); returns the number of objectives."""
+    attack_series = OrderedDict()
+    for (attack, objective, defense, adaptive), pts in _series(
+        cells, "attack_s_per_image", max
+    ).items():
+        # A defense-unaware attack runs once per pass and every defense's cell repeats its
+        # time: keep one curve. An adaptive pass attacks one defense: one curve per defense.
+        key = (attack, objective, adaptive, defense if adaptive else None)
+        if key not in attack_series or defense == UNDEFENDED:
+            attack_series[key] = pts
+    objectives = len({k[1] for k in attack_series})
+    colors = _colors(max(1, len(attack_series)))
+    for i, ((attack, objective, adaptive, defense), pts) in enumerate(attack_series.items()):
+        label = _label(attack, objective, UNDEFENDED, False, objectives).replace(" (attacked)", "")
+        if adaptive:
+            label += f" vs {defense} (adaptive)"
+        ax.plot(
+            [e for e, _ in pts],
+            [v for _, v in pts],
+            color=colors[i],
+            marker="o",
+            linestyle=":" if adaptive else "-",
+            label=label,
+        )
+    _style_log_eps(ax, sorted({e for pts in attack_series.values() for e, _ in pts}))
+    ax.set_ylabel("attack time (s / image)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Attack cost per image")
+    return objectives
+
+
+def _plot_defense_times(ax, cells: Sequence[ResultCell], objectives: int) -> None:
+    """Defense seconds per image per (attack, defense), clean costs as dashed lines."""
+    defenses = [d for d in unique(c.defense_name for c in cell_order(cells)) if d != UNDEFENDED]
+    colors = _colors(max(1, len(defenses)))
+    series = _series([c for c in cells if c.defense_name != UNDEFENDED], "defense_s_per_image", max)
+    attacks = unique(k[0] for k in series)
+    for (attack, objective, defense, adaptive), pts in series.items():
+        ax.plot(
+            [e for e, _ in pts],
+            [v for _, v in pts],
+            color=colors[defenses.index(defense)],
+            marker=_MARKERS[attacks.index(attack) % len(_MARKERS)],
+            linestyle=":" if adaptive else "-",
+            label=_label(attack, objective, defense, adaptive, objectives),
+        )
+    for c in cells:
+        t = c.value("defense_s_per_image")
+        if c.is_clean and c.defense_name in defenses and t is not None:
+            ax.axhline(
+                t,
+                color=colors[defenses.index(c.defense_name)],
+                linestyle="--",
+                linewidth=1.0,
+                label=f"clean + {c.defense_name}",
+            )
+    _style_log_eps(ax, sorted({e for pts in series.values() for e, _ in pts}))
+    ax.set_ylabel("defense time (s / image)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Defense cost per image" + ("" if defenses else " (no defenses)"))
+
+
+def plot_time_vs_eps(cells: Sequence[CellLike], path: str) -> str:
+    """Attack and defense seconds per image against eps.
+
+    Left: attack seconds per image per (attack, objective), and per attacked defense for the
+    adaptive attacks (dotted; their cost includes the defense forwards and EOT samples). Right:
+    defense seconds per image per (attack, defense), with each defense's cost on clean images as
+    a dashed line.
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells.
+        path (str): output PNG (written atomically).
+
+    Returns:
+        str: ``path``.
+    """
+    cells = as_cells(cells)
+    fig, (ax_a, ax_d) = _new_figure(ncols=2)
+    objectives = _plot_attack_times(ax_a, cells)
+    _plot_defense_times(ax_d, cells, objectives)
+    for ax in (ax_a, ax_d):
+        _legend(ax, outside="below")
+    fig.suptitle("Time per image vs eps")
+    _save_figure(fig, path)
+    return path

@@ -1,0 +1,91 @@
+# Copyright (c) UPSNetRobust authors.
+"""write_report: every file of a sweep's report, each written atomically."""
+
+import json
+import logging
+import os
+import sys
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence
+
+from ...utils.io import atomic_write
+from ._format import jsonable
+from .cells import CellLike, as_cells, report_kind
+from .checks import METRIC_TOLERANCE, sanity_checks
+from .markdown import markdown_report
+from .ranking import defense_ranking
+from .tables import csv_text
+
+__all__ = ["REPORT_FILES", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+# Key in write_report's result -> file name in the output directory.
+REPORT_FILES = OrderedDict(
+    [
+        ("json", "robustness.json"),
+        ("csv", "robustness.csv"),
+        ("md", "robustness.md"),
+        ("pq_vs_eps", "pq_vs_eps.png"),
+        ("time_vs_eps", "time_vs_eps.png"),
+    ]
+)
+
+
+def _plotters():
+    """The two plot functions as the package exports them, looked up at call time: replacing
+    ``report.plot_pq_vs_eps`` (e.g. a fast stub in a test) changes what write_report draws."""
+    package = sys.modules[__package__]
+    return package.plot_pq_vs_eps, package.plot_time_vs_eps
+
+
+def write_report(
+    cells: Sequence[CellLike], output_dir: str, metadata: Optional[Dict] = None
+) -> Dict[str, str]:
+    """Write the robustness report of a sweep of one model on one task.
+
+    The headline metric (the cells' ``metric``: PQ, mIoU or AP) is the one the checks, ratios,
+    ranking and plots use. Cells that mix models or tasks raise ValueError: split them with
+    :func:`~.cells.split_by_model_task` and write one report per group.
+
+    Files (each written to a temp file and moved in with ``os.replace``):
+
+    - ``robustness.json``: ``{"metadata": metadata, "cells": cells, "checks": checks}``
+      (cells in their dict form, numpy values unwrapped, NaN/inf written as null), plus
+      ``"defense_ranking"`` (:func:`~.ranking.defense_ranking`) when the cells include
+      adaptive attacks (without them a ranking would overstate robustness);
+    - ``robustness.csv``: one row per cell (:func:`~.tables.csv_text`);
+    - ``robustness.md``: the readable report (:func:`~.markdown.markdown_report`);
+    - ``pq_vs_eps.png`` (the headline metric vs eps, :func:`~.plots.plot_pq_vs_eps`) and
+      ``time_vs_eps.png`` (:func:`~.plots.plot_time_vs_eps`).
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells.
+        output_dir (str): directory (created if needed).
+        metadata (dict): run description; ``date``, ``hardware``, ``config_file`` and
+            ``weights`` head the Markdown report, other keys are listed below them.
+
+    Returns:
+        dict[str, str]: paths under keys "json", "csv", "md", "pq_vs_eps", "time_vs_eps".
+    """
+    cells = as_cells(cells)
+    kind = report_kind(cells)
+    metadata = dict(metadata or {})
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {k: os.path.join(output_dir, name) for k, name in REPORT_FILES.items()}
+    checks = sanity_checks(cells, METRIC_TOLERANCE)
+    for c in checks:
+        if not c["passed"]:
+            logger.warning("Sanity check FAILED: %s: %s", c["check"], c["detail"])
+    payload = {"metadata": metadata, "cells": [c.to_dict() for c in cells], "checks": checks}
+    if any(c.is_adaptive for c in cells if not c.is_clean):
+        payload["defense_ranking"] = defense_ranking(cells)
+    text = json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n"
+    atomic_write(paths["json"], text)
+    atomic_write(paths["csv"], csv_text(cells))
+    atomic_write(paths["md"], markdown_report(cells, kind, metadata, checks, METRIC_TOLERANCE))
+    plot_metric, plot_time = _plotters()
+    plot_metric(cells, paths["pq_vs_eps"])
+    plot_time(cells, paths["time_vs_eps"])
+    logger.info("Robustness report (%s, %s) written to %s", kind.task, kind.metric, output_dir)
+    return paths
