@@ -28,7 +28,9 @@ __all__ = ["PanopticDeepLabAdapter", "panoptic_deeplab_mapper"]
 logger = logging.getLogger(__name__)
 
 # What PanopticDeeplabDatasetMapper adds and the training forward reads.
-_TARGET_KEYS = ("sem_seg", "sem_seg_weights", "center", "center_weights", "offset", "offset_weights")
+_TARGET_KEYS = (
+    "sem_seg", "sem_seg_weights", "center", "center_weights", "offset", "offset_weights"
+)
 
 
 def _check_panoptic_metadata(dataset_name: str) -> None:
@@ -41,6 +43,20 @@ def _check_panoptic_metadata(dataset_name: str) -> None:
             f"thing_dataset_id_to_contiguous_id, label_divisor and ignore_label; "
             f"{dataset_name!r} (DATASETS.TRAIN[0]) lacks {', '.join(missing)}"
         )
+
+
+class _PanopticDeeplabMapper(PanopticDeeplabDatasetMapper):
+    """detectron2's mapper, with a clear error for dicts without panoptic annotations."""
+
+    def __call__(self, dataset_dict):
+        missing = [k for k in ("pan_seg_file_name", "segments_info") if k not in dataset_dict]
+        if missing:
+            raise KeyError(
+                f"PanopticDeepLab's targets come from panoptic annotations, but the data set dict "
+                f"of {dataset_dict.get('file_name', '<unknown image>')} has no "
+                f"{' / '.join(missing)}; use a panoptic data set (e.g. *_fine_panoptic_*)"
+            )
+        return super().__call__(dataset_dict)
 
 
 def panoptic_deeplab_mapper(cfg, is_train: bool):
@@ -58,7 +74,7 @@ def panoptic_deeplab_mapper(cfg, is_train: bool):
         kwargs["augmentations"] = [
             T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
         ]
-    return PanopticDeeplabDatasetMapper(**kwargs)
+    return _PanopticDeeplabMapper(**kwargs)
 
 
 @register_adapter("PanopticDeepLab")
@@ -79,7 +95,9 @@ class PanopticDeepLabAdapter(ModelAdapter):
     def _size_divisibility(self) -> int:
         # as in PanopticDeepLab.forward
         model = self.model
-        return model.size_divisibility if model.size_divisibility > 0 else model.backbone.size_divisibility
+        if model.size_divisibility > 0:
+            return model.size_divisibility
+        return model.backbone.size_divisibility
 
     def dense_logits(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
         model = self.model
