@@ -16,6 +16,7 @@ still classified correctly (recomputed at every call and held constant for the g
 ties go to the lowest class index, as ``argmax`` does). Every loss is 0, with a zero gradient,
 when V is empty.
 """
+
 import math
 
 import torch
@@ -139,37 +140,51 @@ def masked_spherical(
 
 
 class _GroundTruthLoss(SemanticCEObjective):
-    """A per-pixel loss against the ground-truth semantic map (targets as in ``semantic_ce``)."""
+    """A per-pixel loss against the ground-truth semantic map (targets as in ``semantic_ce``).
+
+    With ``tracks_cross_entropy`` the objective's gradient is the loss's but its VALUE is the
+    plain cross-entropy of ``semantic_ce`` (value = CE + (L - L), the second term exactly 0 but
+    carrying L's gradient). Attacks rank points by the value (APGD's step control and best
+    point, PGD's restarts), and a masked loss is a poor ranking: it drops as soon as a pixel is
+    fooled, so the best point "by masked CE" is the one just before pixels flip. SEA likewise
+    steers APGD by plain CE while following the masked loss's gradient.
+    """
 
     loss = staticmethod(masked_ce)
+    tracks_cross_entropy = True
 
     def pixel_loss(self, logits, i):
-        return type(self).loss(logits, self.targets(i), self.ignore_value)
+        value = type(self).loss(logits, self.targets(i), self.ignore_value)
+        if not self.tracks_cross_entropy:
+            return value
+        return super().pixel_loss(logits, i).detach() + (value - value.detach())
 
 
 @register_objective("masked_ce")
 class MaskedCEObjective(_GroundTruthLoss):
-    """:func:`masked_ce` of the dense logits against the ground truth."""
+    """Gradient of :func:`masked_ce`; value: the plain cross-entropy (see above)."""
 
     loss = staticmethod(masked_ce)
 
 
 @register_objective("balanced_masked_ce")
 class BalancedMaskedCEObjective(_GroundTruthLoss):
-    """:func:`balanced_masked_ce` of the dense logits against the ground truth."""
+    """Gradient of :func:`balanced_masked_ce`; value: the plain cross-entropy (see above)."""
 
     loss = staticmethod(balanced_masked_ce)
 
 
 @register_objective("js_divergence")
 class JSDivergenceObjective(_GroundTruthLoss):
-    """:func:`js_divergence` of the dense logits against the ground truth."""
+    """:func:`js_divergence` (value and gradient: it rises as pixels are fooled, so it ranks
+    points well itself)."""
 
     loss = staticmethod(js_divergence)
+    tracks_cross_entropy = False
 
 
 @register_objective("masked_spherical")
 class MaskedSphericalObjective(_GroundTruthLoss):
-    """:func:`masked_spherical` of the dense logits against the ground truth."""
+    """Gradient of :func:`masked_spherical`; value: the plain cross-entropy (see above)."""
 
     loss = staticmethod(masked_spherical)
