@@ -54,6 +54,10 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.RANDOM_START = False  # PGD: start from a uniform point in the eps-ball
     _C.ROBUSTNESS.RESTARTS = 1  # PGD: random restarts; the per-image worst case is kept
     _C.ROBUSTNESS.MOMENTUM = 1.0  # MI-FGSM decay mu
+    # APGD ("apgd"; NUM_STEPS <= 0 means 100 iterations, STEP_SIZE unused: it starts at 2 eps).
+    _C.ROBUSTNESS.APGD_RHO = 0.75  # halve the step if < RHO of the steps since the last check rose
+    _C.ROBUSTNESS.APGD_MOMENTUM = 0.75  # alpha: weight of the new step vs the previous move
+    _C.ROBUSTNESS.APGD_RADIUS_SCHEDULE = False  # 30/30/40 % of the iterations at 2, 1.5, 1 x eps
     _C.ROBUSTNESS.SEED = 0  # seeds random starts and proposal sampling, per image
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]

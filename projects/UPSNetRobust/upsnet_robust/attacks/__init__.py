@@ -5,6 +5,7 @@ An attack maximises ``objective(x)`` (a scalar or one value per image) over floa
 0-255 scale within an L-inf ball; see :class:`Attack`.
 """
 
+from .apgd import APGD, apgd_checkpoints, radius_stages
 from .base import Attack, DenseObjective, NonFiniteGradientError, objective_gradient, project_linf
 from .cospgd import CosPGD, cospgd_loss
 from .dense import DenseAttack
@@ -15,8 +16,11 @@ from .registry import ATTACK_REGISTRY, UnknownAttackError, build_attack
 from .segpgd import SegPGD, segpgd_lambda, segpgd_loss
 from . import objectives
 from .objectives import *  # noqa: F401,F403  (objectives, OBJECTIVE_REGISTRY, build_objective)
+from . import dense_objectives  # registers masked_ce, balanced_masked_ce, js_divergence, ...
+from .dense_objectives import *  # noqa: F401,F403
 
 __all__ = [
+    "APGD",
     "ATTACK_REGISTRY",
     "Attack",
     "BIM",
@@ -31,12 +35,15 @@ __all__ = [
     "PGD",
     "SegPGD",
     "UnknownAttackError",
+    "apgd_checkpoints",
     "build_attack",
     "cospgd_loss",
     "kurakin_num_steps",
     "objective_gradient",
     "project_linf",
+    "radius_stages",
     "segpgd_lambda",
     "segpgd_loss",
 ]
 __all__ += objectives.__all__
+__all__ += dense_objectives.__all__

@@ -3,6 +3,7 @@
 
 from detectron2.utils.registry import Registry
 
+from .apgd import APGD
 from .base import Attack
 from .cospgd import CosPGD
 from .fgsm import FGSM
@@ -19,13 +20,13 @@ Registry for attack algorithms (classes deriving from :class:`Attack`).
 The registered object is called as ``cls(**cls.from_config(cfg, eps))`` and must provide
 ``perturb(images, objective) -> adv_images`` and ``describe() -> dict``. The built-in attacks
 are registered under lowercase names ("fgsm", "ifgsm", "bim", "pgd", "mifgsm", "segpgd",
-"cospgd", "illc"), the names used in ``cfg.ROBUSTNESS.ATTACKS``. ``ATTACK_REGISTRY.register()``
-registers a user class under its class name.
+"cospgd", "illc", "apgd"), the names used in ``cfg.ROBUSTNESS.ATTACKS``.
+``ATTACK_REGISTRY.register()`` registers a user class under its class name.
 """
 
 # fvcore's public register() always uses ``obj.__name__``; the config names are lowercase, so
 # the built-ins are registered under their ``name`` attribute.
-for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC):
+for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD):
     ATTACK_REGISTRY._do_register(_cls.name, _cls)
 del _cls
 
@@ -44,10 +45,10 @@ def _registered_names():
 def build_attack(cfg, name: str, eps) -> Attack:
     """Build the attack ``name`` with budget ``eps`` and the ``cfg.ROBUSTNESS`` settings.
 
-    Reads ROBUSTNESS.{STEP_SIZE, NUM_STEPS, RANDOM_START, RESTARTS, MOMENTUM, SEED}. NUM_STEPS
-    <= 0 means Kurakin's rule (10 for MI-FGSM); STEP_SIZE <= 0 means the algorithm's default
-    (1 for I-FGSM/ILLC, eps / T otherwise); FGSM ignores both. Randomised attacks get a CPU
-    generator seeded with ROBUSTNESS.SEED.
+    Reads ROBUSTNESS.{STEP_SIZE, NUM_STEPS, RANDOM_START, RESTARTS, MOMENTUM, SEED} (APGD also
+    APGD_*). NUM_STEPS <= 0 means Kurakin's rule (10 for MI-FGSM, 100 for APGD); STEP_SIZE <= 0
+    means the algorithm's default (1 for I-FGSM/ILLC, eps / T otherwise); FGSM ignores both and
+    APGD STEP_SIZE. Randomised attacks get a CPU generator seeded with ROBUSTNESS.SEED.
 
     Args:
         cfg (CfgNode): a config with the robustness keys (``add_robustness_config``).
