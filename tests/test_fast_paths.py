@@ -66,9 +66,10 @@ def test_batched_objective_equals_image_by_image(model, val_inputs, name):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     (ga,) = torch.autograd.grad(plain(xa).sum(), xa)
     (gb,) = torch.autograd.grad(batched(xb).sum(), xb)
-    # The sign step is what the attacks use: it agrees wherever the gradient is not ~0. The
-    # deformable convs' bilinear sampling makes the gradient piecewise, so a few pixels can
-    # still flip: measured on 20 val images, at most 6 of 73836 such pixels (8e-5); margin 1e-3.
+    # The sign step is what the attacks use: it agrees wherever the gradient is not ~0. ReLUs,
+    # max-pooling and ROIAlign's bilinear sampling make the gradient piecewise, so a few pixels
+    # can still flip: measured on 20 val images, at most 6 of 73836 such pixels (8e-5); margin
+    # 1e-3.
     big = ga.abs() > 1e-3 * ga.abs().max()
     assert (torch.sign(ga)[big] == torch.sign(gb)[big]).float().mean() > 0.999
     assert not model.training
