@@ -50,6 +50,12 @@ def get_parser():
     parser.add_argument(
         "--defenses", nargs="+", default=["none", "nlmeans"], help="defense variants"
     )
+    parser.add_argument(
+        "--dataset",
+        default="",
+        help="a registered detectron2 data set to sweep (default: the config's synthetic "
+        "validation split, generated if missing)",
+    )
     return parser
 
 
@@ -75,30 +81,61 @@ class CountingTransform:
 
 
 def instrument_model(model, counter: Counter) -> None:
-    """Count model calls by mode, and input-gradient backwards, via instance attributes."""
-    forward, predict = model.forward, model.predict
+    """Count model calls by mode, and input-gradient backwards, via instance attributes.
+
+    An inference is counted once per image at the outermost of ``model.forward`` (eval mode)
+    and ``model.inference``: the sweep's hook calls ``inference(..., panoptic_only=True)``
+    directly, and ``forward`` in eval mode delegates to ``inference`` (counted once, not twice).
+    Training-loss forwards are ``forward`` in training mode or ``per_image_losses`` (batched
+    attacks).
+    """
+    forward, inference, predict = model.forward, model.inference, model.predict
+    depth = {"inference": 0}
+
+    def count_train(batched_inputs):
+        counter["forward_train"] += len(batched_inputs)
+        for x in batched_inputs:
+            image = x.get("image")
+            if image is not None and image.requires_grad:
+                image.register_hook(_count_backward(counter))
+
+    def counted_inference_call(fn, batched_inputs, *args, **kwargs):
+        depth["inference"] += 1
+        outermost = depth["inference"] == 1
+        if outermost:
+            counter["inference"] += len(batched_inputs)
+        start = time.perf_counter()
+        try:
+            return fn(batched_inputs, *args, **kwargs)
+        finally:
+            depth["inference"] -= 1
+            if outermost:
+                counter["seconds:inference"] += time.perf_counter() - start
 
     def counted_forward(batched_inputs, *args, **kwargs):
         if model.training:
-            counter["forward_train"] += len(batched_inputs)
-            for x in batched_inputs:
-                image = x.get("image")
-                if image is not None and image.requires_grad:
-                    image.register_hook(_count_backward(counter))
+            count_train(batched_inputs)
             return forward(batched_inputs, *args, **kwargs)
-        counter["inference"] += len(batched_inputs)
-        start = time.perf_counter()
-        try:
-            return forward(batched_inputs, *args, **kwargs)
-        finally:
-            counter["seconds:inference"] += time.perf_counter() - start
+        return counted_inference_call(forward, batched_inputs, *args, **kwargs)
+
+    def counted_inference(batched_inputs, *args, **kwargs):
+        return counted_inference_call(inference, batched_inputs, *args, **kwargs)
 
     def counted_predict(batched_inputs, *args, **kwargs):
         counter["predict"] += len(batched_inputs)
         return predict(batched_inputs, *args, **kwargs)
 
     model.forward = counted_forward
+    model.inference = counted_inference
     model.predict = counted_predict
+    if hasattr(model, "per_image_losses"):  # the batched attacks' training-loss path
+        per_image_losses = model.per_image_losses
+
+        def counted_per_image_losses(batched_inputs, *args, **kwargs):
+            count_train(batched_inputs)
+            return per_image_losses(batched_inputs, *args, **kwargs)
+
+        model.per_image_losses = counted_per_image_losses
 
 
 def _count_backward(counter):
@@ -121,7 +158,9 @@ def compare(measured: dict, minimum: dict) -> dict:
             ``input_backward`` is its ``forward_backward``).
 
     Returns:
-        dict: key -> {"measured", "minimum", "equal"}, plus "equal" overall.
+        dict: key -> {"measured", "minimum", "equal"}, plus "equal" overall and
+        "zero_counters" (keys measured 0 where the minimum is > 0: a counter that does not see
+        the path doing the work).
     """
     want = {
         "forward_backward": minimum["forward_backward"],
@@ -143,6 +182,9 @@ def compare(measured: dict, minimum: dict) -> dict:
         got[f"defense:{d}"] = measured["defense_calls"][d]
     out = {k: {"measured": got[k], "minimum": want[k], "equal": got[k] == want[k]} for k in want}
     out["equal"] = all(v["equal"] for v in out.values())
+    # A count of 0 where the protocol does work means the instrumentation missed a code path
+    # (not that the sweep is economical): named separately so the report says so.
+    out["zero_counters"] = sorted(k for k in want if want[k] > 0 and got[k] == 0)
     return out
 
 
@@ -155,7 +197,8 @@ def run(args) -> dict:
     Returns:
         dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
     """
-    bu.ensure_synthetic_data()
+    if not args.dataset:
+        bu.ensure_synthetic_data()
     device = bu.resolve_device(args.device)
     bu.apply_threads(args.threads)
     from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
@@ -182,6 +225,8 @@ def run(args) -> dict:
         "OUTPUT_DIR",
         out_dir,
     ]
+    if args.dataset:
+        opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
     cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
     model = bu.build_model_for_bench(cfg, None, seed=args.seed)
     counter = Counter()
@@ -291,6 +336,11 @@ def run(args) -> dict:
         pass_verdicts.append(v)
     equal = verdict["equal"] and all(v["equal"] for v in pass_verdicts) and not resume_work
     equal = equal and len(per_pass) == len(minimum["passes"])
+    zero_counters = [f"total {k}" for k in verdict["zero_counters"]] + [
+        f"{p['attack']} eps {p['eps']:g} {k}"
+        for p, v in zip(per_pass, pass_verdicts)
+        for k in v["zero_counters"]
+    ]
 
     want = minimum["total"]
     sample = bu.val_inputs(cfg, 1)[0]["image"]
@@ -311,6 +361,7 @@ def run(args) -> dict:
             "output_dir": f"{out_dir} (temporary, removed)",
         },
         "equal_to_minimum": bool(equal),
+        "zero_counters": zero_counters,
         "total": verdict,
         "measured_total": measured_total,
         "minimum_total": minimum["total"],
@@ -416,6 +467,11 @@ def print_report(result: dict) -> None:
     print(
         f"resume (second run): work {result['resume_work'] or 'none'} in {result['resume_s']:.2f} s"
     )
+    if result["zero_counters"]:
+        print(
+            "COUNTERS READ 0 where the protocol does work (the instrumentation misses that code "
+            "path): " + "; ".join(result["zero_counters"])
+        )
     print(
         f"VERDICT: {'EQUAL to' if result['equal_to_minimum'] else 'NOT EQUAL to'} the protocol minimum"
     )

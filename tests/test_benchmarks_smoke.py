@@ -1,6 +1,7 @@
 # Copyright (c) UPSNetRobust authors.
 """Smoke test of the benchmark suite (benchmarks/): the modules import and their pure helpers
-are right. No benchmark is run and nothing is timed (``make bench`` runs them)."""
+are right, and the sweep-economy benchmark's counters see every call of a one-image sweep.
+Nothing is timed (``make bench`` runs the benchmarks)."""
 
 import importlib
 import json
@@ -114,9 +115,35 @@ def test_sweep_economy_compare(bench):
         "defense_calls": {"nlmeans": 2},
     }
     assert econ.compare(got, want)["equal"]
+    assert econ.compare(got, want)["zero_counters"] == []
     got["defense_calls"] = {"nlmeans": 4}
     v = econ.compare(got, want)
     assert not v["equal"] and v["defense:nlmeans"] == {"measured": 4, "minimum": 2, "equal": False}
+    got["inference"] = 0  # a counter that misses the code path doing the work
+    assert econ.compare(got, want)["zero_counters"] == ["inference"]
+
+
+def test_sweep_economy_counters_see_every_call(bench, synthetic_cityscapes_names, monkeypatch):
+    """A one-image sweep through the benchmark: every counter reads the protocol's minimum, and
+    none reads 0 where work was done (a counter that no longer sees a code path reads 0)."""
+    # the benchmark sets DETECTRON2_DATASETS if unset; keep that inside this test
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    econ = bench["bench_sweep_economy"]
+    args = econ.get_parser().parse_args(
+        ["--device", "cpu", "--images", "1", "--eps", "1", "--attacks", "fgsm", "ifgsm",
+         "--dataset", synthetic_cityscapes_names["val"]]
+    )  # fmt: skip
+    result = econ.run(args)
+    assert result["zero_counters"] == [], result["zero_counters"]
+    per_pass, minimum = result["per_pass"], result["per_pass_minimum"]
+    assert [p["attack"] for p in per_pass] == ["clean", "fgsm", "ifgsm"]
+    for got, want in zip(per_pass, minimum):
+        assert got["inference"] == want["inference"] == 2  # one per defense variant (1 image)
+        assert got["forward_backward"] == got["input_backward"] == want["forward_backward"]
+        assert got["defense_calls"] == want["defense_calls"] == {"nlmeans": 1}
+    assert [p["forward_backward"] for p in per_pass] == [0, 1, 2]  # T of clean, FGSM, I-FGSM
+    assert result["resume_work"] == {}
+    assert result["equal_to_minimum"], result["total"]
 
 
 def test_parse_log_times_and_thread_env(bench):

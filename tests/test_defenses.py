@@ -288,12 +288,13 @@ def test_noise_estimate_recovers_gaussian_sigma():
     assert estimate_noise_sigma(smooth_bgr()) < 0.5  # exact zeros are kept (see docstring)
 
 
-def test_noise_estimate_matches_skimage_when_pywavelets_is_installed(img):
-    pytest.importorskip("pywt")
+def test_noise_estimate_matches_skimage(img):
+    import pywt  # noqa: F401  pinned in requirements/lock.txt: skimage's estimate_sigma needs it
     from skimage.restoration import estimate_sigma
 
     x = img.astype(np.float64) + np.random.default_rng(0).normal(0, 6, img.shape)
     ref = estimate_sigma(x, channel_axis=-1, average_sigmas=True)
+    # noise seeds 0-19: relative difference 2.9-4.7 % (mean 3.6 %); margin 10 %
     assert abs(estimate_noise_sigma(x) - ref) < 0.1 * ref
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO_ROOT, make_panoptic_input, tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
-from upsnet_robust.attacks import IFGSM, PGD
+from upsnet_robust.attacks import FGSM, IFGSM, PGD
 from upsnet_robust.attacks.objectives import (
     OBJECTIVE_REGISTRY,
     AutocastObjective,
@@ -22,6 +22,7 @@ from upsnet_robust.attacks.objectives import (
 from upsnet_robust.data import build_panoptic_mapper
 from upsnet_robust.defenses import apply_defense_to_tensor, build_defense
 from upsnet_robust.defenses.workers import DefenseWorkers
+from upsnet_robust.engine import build_checkpointer
 from upsnet_robust.evaluation import FAILED_KEY, AdversarialInference
 from upsnet_robust.evaluation.adversarial_inference import pad_stack
 from upsnet_robust.evaluation.sweep import amp_dtype
@@ -32,14 +33,10 @@ OBJECTIVES = ("train_losses", "semantic_ce", "panoptic", "least_likely", "pseudo
 
 @pytest.fixture(scope="module")
 def model():
-    """The shipped trained tiny model when present (real detections), else a seeded one."""
-    torch.manual_seed(0)
+    """The shipped trained tiny model (real detections; the margins below were measured on it)."""
     cfg = tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "20")
     net = build_model(cfg)
-    if os.path.isfile(SHIPPED):
-        from upsnet_robust.engine import build_checkpointer
-
-        build_checkpointer(cfg, net).load(SHIPPED)
+    build_checkpointer(cfg, net).load(SHIPPED)
     return net.eval()
 
 
@@ -62,11 +59,17 @@ def test_batched_objective_equals_image_by_image(model, val_inputs, name):
     batched = build_objective(name, model, val_inputs, seed=5, batched=True)
     v_plain, v_batched = plain(x), batched(x)
     assert v_batched.shape == (2,)
+    # Same iterate, other summation order. Measured on 40 val images x {1, 2} threads: relative
+    # value difference <= 7.7e-7 for every objective (train_losses and panoptic included: no
+    # top-k/NMS decision flipped); margin rtol 1e-4.
     torch.testing.assert_close(v_batched, v_plain, rtol=1e-4, atol=1e-5)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     (ga,) = torch.autograd.grad(plain(xa).sum(), xa)
     (gb,) = torch.autograd.grad(batched(xb).sum(), xb)
-    # the sign step is what the attacks use: it agrees wherever the gradient is not ~0
+    # The sign step is what the attacks use: it agrees wherever the gradient is not ~0. ReLUs,
+    # max-pooling and ROIAlign's bilinear sampling make the gradient piecewise, so a few pixels
+    # can still flip: measured on 20 val images, at most 6 of 73836 such pixels (8e-5); margin
+    # 1e-3.
     big = ga.abs() > 1e-3 * ga.abs().max()
     assert (torch.sign(ga)[big] == torch.sign(gb)[big]).float().mean() > 0.999
     assert not model.training
@@ -91,6 +94,7 @@ def test_per_image_losses_match_forward_and_restore_rng(model, val_inputs):
     for b, s in zip(batched, singles):
         assert b.keys() == s.keys()
         for k in s:
+            # measured on 20 val images: every loss within 1.5e-6 relative, 2.4e-7 absolute
             torch.testing.assert_close(b[k], s[k], rtol=1e-4, atol=1e-5, msg=k)
     with pytest.raises(ValueError, match="seeds"):
         with frozen_norm_training_mode(model):
@@ -119,12 +123,18 @@ def test_autocast_objective_returns_float32_close_to_full_precision(model, val_i
     x = _batch(val_inputs)
     plain = build_objective("semantic_ce", model, val_inputs, batched=True)
     amp = AutocastObjective(plain, "cpu", torch.bfloat16)
-    value = amp(x)
+    value, reference = amp(x), plain(x)
     assert value.dtype == torch.float32
-    torch.testing.assert_close(value, plain(x), rtol=5e-2, atol=5e-2)
-    assert not torch.equal(value, plain(x))  # bfloat16 really ran
+    # bfloat16 keeps 8 mantissa bits: measured on 20 val images, the semantic CE differs from
+    # float32 by 0.02-0.25 % (relative), the logits by <= 0.86 % of their largest magnitude.
+    rel = (value - reference).abs() / reference.abs()
+    assert rel.max() < 1e-2  # margin 4x over the measured 0.25 %
+    assert rel.max() > 1e-5  # bfloat16 really ran (float32 alone gives the same value)
     logits, targets = amp.logits_and_targets(x)
     assert logits.dtype == torch.float32 and targets.shape == (2,) + x.shape[-2:]
+    ref_logits, ref_targets = plain.logits_and_targets(x)
+    assert torch.equal(targets, ref_targets)
+    assert (logits - ref_logits).abs().max() < 0.03 * ref_logits.abs().max()  # margin 3.5x
     assert not hasattr(AutocastObjective(build_objective("train_losses", model, val_inputs), "cpu", torch.bfloat16), "logits_and_targets")
     assert amp_dtype("") is None and amp_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="ROBUSTNESS.AMP"):
@@ -144,25 +154,53 @@ def _run_hook(model, inputs, **kwargs):
     return wrapper, outputs, seen
 
 
-@pytest.mark.parametrize("objective,eps", [("semantic_ce", 4.0), ("panoptic", 4.0), ("train_losses", 1.0)])
-def test_batched_hook_matches_image_by_image(model, val_inputs, objective, eps):
-    # Batching changes only float summation order. Dense objectives follow it smoothly; with
-    # train_losses, RPN/ROI sampling decisions can flip on such differences after a few steps
-    # (a chaotic, not a systematic, difference), so it is compared over a short attack.
+@pytest.mark.parametrize("objective", ["semantic_ce", "panoptic", "train_losses"])
+def test_batched_hook_takes_the_image_by_image_step(model, val_inputs, objective):
+    """One FGSM step from the clean image (the same iterate for both batch sizes): the batched
+    hook moves every pixel whose gradient is not ~0 exactly as the image-by-image gradient says.
+    (Longer trajectories are not compared pixel by pixel: once a near-zero gradient's sign
+    flips with the summation order, the iterates differ and so do later steps.)"""
+    eps = 4.0
     common = dict(objective=objective, defenses=OrderedDict(none=None), seed=3)
-    _, out1, seen1 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=1, **common)
-    wrapper, out2, seen2 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=2, **common)
+    _, _, seen1 = _run_hook(model, val_inputs, attack=FGSM(eps), batch_size=1, **common)
+    wrapper, _, seen2 = _run_hook(model, val_inputs, attack=FGSM(eps), batch_size=2, **common)
     assert [r["attack_batch_size"] for r in wrapper.records] == [2, 2]
     for x in val_inputs:
-        clean, a1, _ = seen1[x["image_id"]]
-        _, a2, _ = seen2[x["image_id"]]
+        clean = x["image"].float()
+        xs = clean[None].clone().requires_grad_()
+        (grad,) = torch.autograd.grad(build_objective(objective, model, [x], seed=3)(xs).sum(), xs)
+        grad = grad[0]
+        expected = (clean + eps * grad.sign()).clamp(0, 255)
+        big = grad.abs() > 1e-3 * grad.abs().max()
+        assert big.float().mean() > 0.3  # not a vacuous check: measured >= 0.47 on 20 images
+        for seen in (seen1, seen2):
+            adv = seen[x["image_id"]][1]
+            assert (adv - clean).abs().max() <= eps + 1e-4 and adv.min() >= 0 and adv.max() <= 255
+            # measured on 20 val images: at most 2 of ~9e4 such pixels differ (see above)
+            assert (adv[big] == expected[big]).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("objective", ["semantic_ce", "panoptic"])
+def test_batched_ifgsm_reaches_the_image_by_image_objective(model, val_inputs, objective):
+    """I-FGSM (eps 4, 5 steps) at batch size 2 stays in each image's eps-ball and raises each
+    image's own objective as much as the image-by-image attack does."""
+    eps = 4.0
+    common = dict(objective=objective, defenses=OrderedDict(none=None), seed=3)
+    _, _, seen1 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=1, **common)
+    wrapper, _, seen2 = _run_hook(model, val_inputs, attack=IFGSM(eps), batch_size=2, **common)
+    assert [r["attack_batch_size"] for r in wrapper.records] == [2, 2]
+    for x in val_inputs:
+        clean, a1, a2 = x["image"].float(), seen1[x["image_id"]][1], seen2[x["image_id"]][1]
         assert (a2 - clean).abs().max() <= eps + 1e-4 and a2.min() >= 0 and a2.max() <= 255
-        assert (a2 != clean).float().mean() > 0.5
-        assert (a1 == a2).float().mean() > 0.97
-    agree = [
-        (o1["panoptic_seg"][0] == o2["panoptic_seg"][0]).float().mean() for o1, o2 in zip(out1, out2)
-    ]
-    assert min(agree) > 0.97
+        assert (a2 != clean).float().mean() > 0.5  # measured >= 0.9997
+        objective_fn = build_objective(objective, model, [x], seed=3)
+        with torch.no_grad():
+            v_clean, v1, v2 = (float(objective_fn(a[None])) for a in (clean, a1, a2))
+        # Measured on 20 val images: the attack raises the objective by at least 46 % of its clean
+        # value; batch sizes 1 and 2 end within 3.5e-4 of that gain of each other although up
+        # to 22 % of their pixels differ. Margins: gain > 20 %, difference < 1 % of the gain.
+        assert v2 > 1.2 * v_clean and v1 > 1.2 * v_clean, (v_clean, v1, v2)
+        assert abs(v2 - v1) < 0.01 * (v1 - v_clean), (v_clean, v1, v2)
 
 
 def test_padded_batch_hook_keeps_sizes_and_eps_balls(model):
@@ -246,13 +284,9 @@ def test_torch_nlmeans_batch_path_equals_opencv_per_image():
 
 
 def test_channels_last_model_predicts_the_same(val_inputs):
-    torch.manual_seed(0)
     cfg = tiny_cfg()
     net = build_model(cfg).eval()
-    if os.path.isfile(SHIPPED):
-        from upsnet_robust.engine import build_checkpointer
-
-        build_checkpointer(cfg, net).load(SHIPPED)
+    build_checkpointer(cfg, net).load(SHIPPED)
     with torch.no_grad():
         before = net.predict(val_inputs[:1], with_detector_masks=False)[0]["sem_logits"]
         net.to(memory_format=torch.channels_last)
@@ -265,21 +299,20 @@ def test_panoptic_only_inference_gives_the_same_panoptic_result(model, val_input
     common = dict(attack=None, defenses=OrderedDict(none=None), batch_size=2)
     _, full, _ = _run_hook(model, val_inputs, **common)
     _, lean, _ = _run_hook(model, val_inputs, panoptic_only=True, **common)
+    things = 0
     for f, l in zip(full, lean):
         assert "instances" in f and set(l) == {"panoptic_seg"}
+        things += sum(s["isthing"] for s in f["panoptic_seg"][1])
         assert torch.equal(f["panoptic_seg"][0], l["panoptic_seg"][0])
         assert f["panoptic_seg"][1] == l["panoptic_seg"][1]
+    assert things > 0  # the paths differ in the things' branch: it must have been exercised
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batched_amp_channels_last_attack_and_torch_nlmeans(val_inputs):
     cfg = tiny_cfg("MODEL.DEVICE", "cuda")
-    torch.manual_seed(0)
     net = build_model(cfg).eval()
-    if os.path.isfile(SHIPPED):
-        from upsnet_robust.engine import build_checkpointer
-
-        build_checkpointer(cfg, net).load(SHIPPED)
+    build_checkpointer(cfg, net).load(SHIPPED)
     net.to(memory_format=torch.channels_last)
     defenses = OrderedDict(none=None, nlmeans=build_defense("nlmeans", search_window=11, backend="torch"))
     wrapper, outputs, seen = _run_hook(

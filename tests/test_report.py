@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ from upsnet_robust.evaluation.report import (
     CSV_COLUMNS,
     PQ_TOLERANCE,
     THREAT_MODEL,
+    defense_ranking,
     format_table,
     pq_ratios,
     sanity_checks,
@@ -248,13 +250,129 @@ def test_monotone_tolerance_and_drift():
 
 def test_format_table():
     cells = make_cells()
-    table = format_table(cells)
-    lines = table.splitlines()
-    assert lines[0].split() == ["attack", "eps", "defense", "PQ", "SQ", "RQ", "s/img"]
+    cells.append(_cell("ifgsm", 4.0, "nlmeans", 12.34, adaptive=True))
+    lines = format_table(cells).splitlines()
     assert len(lines) == 2 + len(cells)
-    assert lines[2].startswith("clean")  # clean rows first
-    assert len({len(line) for line in lines[1:2]}) == 1
-    assert "ifgsm" in table and "nlmeans" in table and "57.0" in table
+    # The dashes under the header give each column's extent; every line has its fields inside
+    # them (text columns left-aligned, numbers right-aligned) and only blanks between them.
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
+    assert len(spans) == 7 and lines[1] == "  ".join("-" * (b - a) for a, b in spans)
+    rows = []
+    for line in [lines[0]] + lines[2:]:
+        padded = line.ljust(spans[-1][1])
+        assert len(padded) == spans[-1][1], line
+        assert all(padded[b:a].strip() == "" for (_, b), (a, _) in zip(spans, spans[1:])), line
+        fields = [padded[a:b] for a, b in spans]
+        for i, field in enumerate(fields):
+            value = field.strip()
+            aligned = value.ljust(len(field)) if i in (0, 2) else value.rjust(len(field))
+            assert field == aligned, (line, i)
+        rows.append(tuple(f.strip() for f in fields))
+    assert rows[0] == ("attack", "eps", "defense", "PQ", "SQ", "RQ", "s/img")
+    expected = [
+        (
+            c["attack"] + (" (adaptive)" if c["adaptive"] else ""),
+            "clean" if c["attack"] == "clean" else f"{c['eps']:g}",
+            c["defense"],
+            f"{c['PQ']:.1f}",
+            f"{c['SQ']:.1f}",
+            f"{c['RQ']:.1f}",
+            f"{c['attack_s_per_image'] + c['defense_s_per_image']:.3f}",
+        )
+        for c in cells
+    ]
+    assert sorted(rows[1:]) == sorted(expected)
+    assert [r[0] for r in rows[1:3]] == ["clean", "clean"]  # clean rows first
+    assert ("ifgsm (adaptive)", "4", "nlmeans", "12.3", "71.2", "14.8", "0.550") in rows
+
+
+# ------------------------------------------------------------------------------------------------
+# defense ranking (the README's ranking table comes from it)
+# ------------------------------------------------------------------------------------------------
+def _ranking_cells():
+    """Defenses with known worst cases, tie-breaks and a defense without attacked cells.
+
+    worst PQ / mean over eps of the per-eps worst / clean PQ:
+    none 20 / 30 / 60; A 25 / 35 / 55; B 25 / 36 / 50; C 33 (transfer only) / 42.5 / 58;
+    D and E 25 / 35 / 52 (a full tie); F: clean only.
+    """
+    clean = {"none": 60.0, "A": 55.0, "B": 50.0, "C": 58.0, "D": 52.0, "E": 52.0, "F": 57.0}
+    cells = [_cell("clean", 0.0, d, pq) for d, pq in clean.items()]
+    unaware = {
+        "none": (40.0, 20.0), "A": (50.0, 35.0), "B": (48.0, 30.0), "C": (52.0, 33.0),
+        "D": (46.0, 28.0), "E": (46.0, 28.0),
+    }  # fmt: skip
+    adaptive = {"A": (45.0, 25.0), "B": (47.0, 25.0), "D": (45.0, 25.0), "E": (45.0, 25.0)}
+    for d, values in unaware.items():
+        cells += [_cell("ifgsm", e, d, v) for e, v in zip((1.0, 4.0), values)]
+    for d, values in adaptive.items():
+        cells += [
+            _cell("ifgsm", e, d, v, adaptive=True, surrogate=f"sur-{d}", eot_samples=2,
+                  attack_s_per_image=e)
+            for e, v in zip((1.0, 4.0), values)
+        ]  # fmt: skip
+    cells.append(_cell("fgsm", 4.0, "A", 32.0))  # A's transfer worst at eps 4 is fgsm's
+    cells.append(_cell("fgsm", 1.0, "B", float("nan")))  # unscored: ignored
+    cells.append(_cell("fgsm", 16.0, "B", 0.0, PQ=None))  # unscored eps: no per-eps worst case
+    return cells
+
+
+def test_defense_ranking_on_hand_made_cells():
+    ranking = defense_ranking(_ranking_cells())
+    order = [(r["defense"], r["rank"]) for r in ranking]
+    # worst case first; B before A on the mean over eps; A before D/E on clean PQ; D and E
+    # tie fully and share rank 4; F has no attacked cell: unranked, last
+    assert order == [("C", 1), ("B", 2), ("A", 3), ("D", 4), ("E", 4), ("none", 6), ("F", None)]
+    r = {x["defense"]: x for x in ranking}
+    assert [r[d]["worst_PQ"] for d in ("C", "B", "A", "D", "none")] == [33.0, 25.0, 25.0, 25.0, 20.0]
+    assert r["B"]["mean_worst_PQ_over_eps"] == pytest.approx(36.0)
+    assert r["A"]["mean_worst_PQ_over_eps"] == pytest.approx(35.0)
+    assert r["C"]["mean_worst_PQ_over_eps"] == pytest.approx(42.5)
+    assert r["A"]["per_eps"] == [
+        {"eps": 1.0, "unaware_PQ": 50.0, "adaptive_PQ": 45.0, "worst_PQ": 45.0},
+        {"eps": 4.0, "unaware_PQ": 32.0, "adaptive_PQ": 25.0, "worst_PQ": 25.0},
+    ]
+    assert r["C"]["per_eps"][1] == {"eps": 4.0, "unaware_PQ": 33.0, "adaptive_PQ": None, "worst_PQ": 33.0}
+    assert r["A"]["worst_PQ_unaware"] == 32.0 and r["A"]["worst_PQ_adaptive"] == 25.0
+    assert r["A"]["worst_setting"] == {
+        "attack": "ifgsm", "objective": "train_losses", "eps": 4.0, "adaptive": True,
+    }  # fmt: skip
+    assert r["C"]["worst_setting"]["adaptive"] is False
+    assert r["C"]["worst_PQ_adaptive"] is None and not r["C"]["adaptively_evaluated"]
+    assert r["none"]["adaptively_evaluated"] and r["A"]["adaptively_evaluated"]
+    assert {d: r[d]["clean_PQ_cost"] for d in ("none", "A", "F")} == {"none": 0.0, "A": 5.0, "F": 3.0}
+    assert r["A"]["surrogate"] == "sur-A" and r["A"]["eot_samples"] == 2 and r["C"]["surrogate"] is None
+    assert r["none"]["defense_s_per_image"] == 0.0 and r["A"]["defense_s_per_image"] == 0.05
+    assert r["A"]["adaptive_attack_s_per_image"] == pytest.approx(2.5)  # mean of 1 and 4
+    assert r["F"]["worst_PQ"] is None and r["F"]["clean_PQ"] == 57.0
+
+
+def test_defense_ranking_reaches_json_and_markdown(tmp_path, monkeypatch):
+    import upsnet_robust.evaluation.report as report
+
+    monkeypatch.setattr(report, "plot_pq_vs_eps", lambda cells, path: path)
+    monkeypatch.setattr(report, "plot_time_vs_eps", lambda cells, path: path)
+    cells = _ranking_cells()
+    paths = write_report(cells, str(tmp_path / "a"), METADATA)
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    assert [(x["defense"], x["rank"]) for x in data["defense_ranking"]] == [
+        (x["defense"], x["rank"]) for x in defense_ranking(cells)
+    ]
+    md = open(paths["md"]).read()
+    section = md.split("## Defenses ranked by worst case")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| rank | defense |") and set(table[1]) <= set("|-: ")
+    rows = [line.split("|")[1:3] for line in table[2:]]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [
+        ("1 †", "C"), ("2", "B"), ("3", "A"), ("4", "D"), ("4", "E"), ("6", "none"), ("-", "F")
+    ]  # fmt: skip
+    assert "† no adaptive attack on this defense" in section
+    # Without adaptive cells: no ranking in the JSON, and the Markdown says so.
+    paths = write_report([c for c in cells if not c["adaptive"]], str(tmp_path / "b"), METADATA)
+    with open(paths["json"]) as f:
+        assert "defense_ranking" not in json.load(f)
+    assert "defenses are not ranked" in open(paths["md"]).read()
 
 
 # ------------------------------------------------------------------------------------------------
