@@ -381,15 +381,13 @@ def write_result(name: str, payload: Dict, path: Optional[str] = None) -> str:
         str: the path written.
     """
     path = path or os.path.join(RESULTS_DIR, f"{name}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = dict(payload)
     payload.setdefault("benchmark", name)
     payload.setdefault("date", datetime.datetime.now().isoformat(timespec="seconds"))
     payload.setdefault("argv", sys.argv[1:])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_strict(payload), f, indent=2, default=str)
-    os.replace(tmp, path)
+    from upsnet_robust.utils.io import atomic_write  # lazily: see setup_environment
+
+    atomic_write(path, json.dumps(_strict(payload), indent=2, default=str))
     return path
 
 

@@ -35,6 +35,7 @@ from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
 from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
+from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
@@ -93,13 +94,6 @@ def sweep_passes(cfg) -> List[Dict]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class RobustnessSweep:
@@ -240,7 +234,7 @@ class RobustnessSweep:
             logger.info("[%d/%d] %s: running", index + 1, len(passes), key)
             pass_cells = self._run_pass(spec, attack, pass_dir)
             if comm.is_main_process():
-                _atomic_json(done, pass_cells)
+                atomic_json(done, pass_cells)
             comm.synchronize()
             cells += pass_cells
         return cells

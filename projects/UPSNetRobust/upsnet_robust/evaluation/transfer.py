@@ -28,6 +28,8 @@ from detectron2.utils import comm
 from ..adapters.base import build_adapter
 from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
+from ..utils.io import atomic_json
+from ..utils.torch_io import atomic_torch_save
 from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks, objective_for
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
@@ -144,9 +146,7 @@ class TransferStudy:
             logger.info("Crafting %s eps %g on %s: %d image(s)", spec["attack"], spec["eps"], source.name, len(todo))
 
             def save(x, clean, adv, defended, outputs):
-                path = os.path.join(folder, image_key(x) + ".pt")
-                torch.save(adv.detach().cpu(), path + ".tmp")
-                os.replace(path + ".tmp", path)
+                atomic_torch_save(os.path.join(folder, image_key(x) + ".pt"), adv.detach().cpu())
 
             hook = AdversarialInference(
                 source.model, attack=build_attack(source.cfg, spec["attack"], spec["eps"]),
@@ -210,10 +210,7 @@ class TransferStudy:
                     "num_images": ok,
                     "num_failed": len(records) - ok,
                 })  # fmt: skip
-            os.makedirs(os.path.dirname(done), exist_ok=True)
-            with open(done + ".tmp", "w") as f:
-                json.dump(entries, f, indent=2)
-            os.replace(done + ".tmp", done)
+            atomic_json(done, entries)
         comm.synchronize()
         return entries
 
