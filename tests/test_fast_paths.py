@@ -160,7 +160,8 @@ def test_batched_hook_matches_image_by_image(model, val_inputs, objective, eps):
         assert (a2 != clean).float().mean() > 0.5
         assert (a1 == a2).float().mean() > 0.97
     agree = [
-        (o1["panoptic_seg"][0] == o2["panoptic_seg"][0]).float().mean() for o1, o2 in zip(out1, out2)
+        (o1["none"]["panoptic_seg"][0] == o2["none"]["panoptic_seg"][0]).float().mean()
+        for o1, o2 in zip(out1, out2)
     ]
     assert min(agree) > 0.97
 
@@ -177,7 +178,7 @@ def test_padded_batch_hook_keeps_sizes_and_eps_balls(model):
     for x, out in zip(inputs, outputs):
         clean, adv, _ = seen[x["image_id"]]
         assert adv.shape == x["image"].shape
-        assert out["panoptic_seg"][0].shape == x["image"].shape[-2:]
+        assert out["none"]["panoptic_seg"][0].shape == x["image"].shape[-2:]
         delta = (adv - clean).abs()
         assert delta.max() <= 2.0 + 1e-4 and delta.mean() > 0.5
 
@@ -266,6 +267,7 @@ def test_panoptic_only_inference_gives_the_same_panoptic_result(model, val_input
     _, full, _ = _run_hook(model, val_inputs, **common)
     _, lean, _ = _run_hook(model, val_inputs, panoptic_only=True, **common)
     for f, l in zip(full, lean):
+        f, l = f["none"], l["none"]  # the hook's output: {defense: output}
         assert "instances" in f and set(l) == {"panoptic_seg"}
         assert torch.equal(f["panoptic_seg"][0], l["panoptic_seg"][0])
         assert f["panoptic_seg"][1] == l["panoptic_seg"][1]
