@@ -14,7 +14,13 @@ from .dense import DenseAttack
 from .fgsm import FGSM
 from .iterative import BIM, IFGSM, ILLC, PGD, kurakin_num_steps
 from .momentum import MIFGSM
-from .registry import ATTACK_REGISTRY, UnknownAttackError, attack_class, build_attack, register_attack
+from .registry import (
+    ATTACK_REGISTRY,
+    UnknownAttackError,
+    attack_class,
+    build_attack,
+    register_attack,
+)
 from .segpgd import SegPGD, segpgd_lambda, segpgd_loss
 from . import objectives
 from .objectives import *  # noqa: F401,F403  (objectives, OBJECTIVE_REGISTRY, build_objective)

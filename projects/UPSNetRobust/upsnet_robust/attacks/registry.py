@@ -21,10 +21,11 @@ __all__ = [
 
 ATTACK_REGISTRY = Registry("ATTACK")
 ATTACK_REGISTRY.__doc__ = """
-Registry for attack algorithms: classes deriving from :class:`Attack`, built as ``cls(**cls.from_config(cfg, eps))``; they
-provide ``perturb(images, objective) -> adv_images`` and ``describe() -> dict``. Registered with
-:func:`register_attack` under the lowercase names of ``cfg.ROBUSTNESS.ATTACKS`` ("fgsm",
-"ifgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd", "illc", ...).
+Registry for attack algorithms: classes deriving from :class:`Attack`, built as
+``cls(**cls.from_config(cfg, eps))``; they provide ``perturb(images, objective) -> adv_images``
+and ``describe() -> dict``. Registered with :func:`register_attack` under the lowercase names of
+``cfg.ROBUSTNESS.ATTACKS`` ("fgsm", "ifgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd",
+"illc", ...).
 """
 
 

@@ -67,7 +67,7 @@ def register_defense(name, *, surrogate, config_node=None):
     if name in ("", NONE):
         raise ValueError(f"Invalid defense name {name!r}: lower case, no '+', not 'none'.")
     if not isinstance(surrogate, str) or not surrogate.strip():
-        raise ValueError(f"Defense '{name}': surrogate must name a BPDA surrogate, not {surrogate!r}")
+        raise ValueError(f"Defense '{name}': surrogate must be a surrogate name, not {surrogate!r}")
     node = config_node or name.upper()
     if node != node.upper():
         raise ValueError(f"Defense '{name}': config node {node!r} must be upper case.")

@@ -132,7 +132,8 @@ class Trainer(DefaultTrainer):
                     evaluator = evaluators or cls.build_evaluator(
                         cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
                     )
-                    wrapper = AdversarialInference(cfg, adapter, build_attack(cfg, attack_name, eps))
+                    attack = build_attack(cfg, attack_name, eps)
+                    wrapper = AdversarialInference(cfg, adapter, attack)
                     scored = inference_on_dataset(
                         wrapper, data_loader, MultiVariantEvaluator({"none": evaluator})
                     )

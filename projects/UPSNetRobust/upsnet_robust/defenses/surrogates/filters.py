@@ -154,7 +154,9 @@ class NLMeansExactSurrogate(Surrogate):
         super().__init__(transform)
         self.h = float(self.defense_param(transform, "h", h))
         self.h_color = float(self.defense_param(transform, "h_color", h_color))
-        self.template_window = int(self.defense_param(transform, "template_window", template_window))
+        self.template_window = int(
+            self.defense_param(transform, "template_window", template_window)
+        )
         self.search_window = int(self.defense_param(transform, "search_window", search_window))
 
     def __call__(self, x, input_format="BGR"):
