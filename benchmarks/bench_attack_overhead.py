@@ -28,6 +28,7 @@ per-repetition ratios; the floors' adversarial image is checked to equal the hoo
 
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,38 +92,40 @@ def bare_attack_loop(model, x, steps, alpha, eps, seed, device):
     return adv.detach()
 
 
-def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    import torch
-
+def _setup(args, device):
+    """Model, image, attack and defenses as the sweep would build them."""
     from upsnet_robust.attacks import build_attack
     from upsnet_robust.attacks.objectives import image_seed
     from upsnet_robust.defenses import build_defense_from_cfg
-    from upsnet_robust.evaluation import AdversarialInference
 
-    bu.apply_threads(args.threads)
-    reps = args.reps or (5 if args.quick else 11)
     cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, ["MODEL.WEIGHTS", args.weights], device)
     model = bu.build_model_for_bench(cfg, args.weights or None, seed=args.seed)
     x = bu.val_inputs(cfg, args.image_index + 1)[args.image_index]
-    height, width = x["image"].shape[-2:]
-
     attack = build_attack(cfg, args.attack, args.eps)
     desc = attack.describe()
-    steps, alpha = int(desc["num_steps"]), float(desc["step_size"])
-    sweep_seed = int(cfg.ROBUSTNESS.SEED)
-    seed = image_seed(sweep_seed, x.get("image_id", x.get("file_name", 0)))
     variants = list(dict.fromkeys(["none"] + list(cfg.ROBUSTNESS.DEFENSES)))
-    defenses = {d: None if d == "none" else build_defense_from_cfg(cfg, d) for d in variants}
+    return SimpleNamespace(
+        cfg=cfg,
+        model=model,
+        x=x,
+        attack=attack,
+        desc=desc,
+        steps=int(desc["num_steps"]),
+        alpha=float(desc["step_size"]),
+        sweep_seed=int(cfg.ROBUSTNESS.SEED),
+        seed=image_seed(int(cfg.ROBUSTNESS.SEED), x.get("image_id", x.get("file_name", 0))),
+        variants=variants,
+        defenses={d: None if d == "none" else build_defense_from_cfg(cfg, d) for d in variants},
+    )
+
+
+def _instrumented_hook(s, device):
+    """The hook, with CPU seconds of its attack call measured from outside (its wall seconds
+    are its own record["attack_s"]), after one untimed call that gives the adversarial image
+    the inference and defense floors use (the inference cost depends on the detections)."""
+    import torch
+
+    from upsnet_robust.evaluation import AdversarialInference
 
     captured = {}
 
@@ -130,37 +133,32 @@ def run(args) -> dict:
         captured["adv"] = adv
 
     hook = AdversarialInference(
-        model,
-        attack=attack,
-        objective=OBJECTIVE,
-        defenses=defenses,
-        input_format=cfg.INPUT.FORMAT,
-        quantize=False,
-        seed=sweep_seed,
-        on_image=on_image,
-    )
-    # Instrumented from outside: CPU seconds of the hook's attack call (its wall seconds are
-    # the hook's own record["attack_s"]).
-    attack.perturb = perturb_watch = bu.Stopwatch(attack.perturb, device)
-    # One untimed hook call gives the adversarial image the inference and defense floors use
-    # (the number of detections, hence the inference cost, depends on the image).
+        s.model, s.attack, s.defenses, objective=OBJECTIVE, input_format=s.cfg.INPUT.FORMAT,
+        seed=s.sweep_seed, on_image=on_image,
+    )  # fmt: skip
+    s.attack.perturb = perturb_watch = bu.Stopwatch(s.attack.perturb, device)
     with torch.no_grad():
-        hook([x])
+        hook([s.x])
     hook.records.clear()
     perturb_watch.wall.clear()
     perturb_watch.cpu.clear()
-    image_float = captured["adv"].clone()
-    image_u8 = (
-        image_float.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy().copy()
-    )
+    return hook, perturb_watch, captured["adv"]
+
+
+def _tasks(s, hook, adv, device):
+    """The timed calls: the hook, the bare attack loop, inference (full and panoptic-only)
+    and each defense's bare ``apply_image``."""
+    import torch
+
+    image_float = adv.clone()
+    image_u8 = image_float.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image_u8 = image_u8.copy()
+    model, x = s.model, s.x
 
     def run_hook():
         with torch.no_grad():  # inference_on_dataset's context
             hook([x])
         return hook.records[-1]
-
-    def run_floor():
-        return bare_attack_loop(model, x, steps, alpha, args.eps, seed, device)
 
     def run_inference():
         with torch.no_grad():
@@ -171,21 +169,25 @@ def run(args) -> dict:
         # detections + pasting their masks at full size), which panoptic_seg does not use.
         model.roi_heads.forward_with_given_boxes = lambda features, instances: instances
         try:
-            with torch.no_grad():
-                return model([dict(x, image=image_float)])
+            return run_inference()
         finally:
             del model.roi_heads.forward_with_given_boxes  # back to the class's method
 
     tasks = {
         "hook": run_hook,
-        "attack_floor": run_floor,
+        "attack_floor": lambda: bare_attack_loop(
+            model, x, s.steps, s.alpha, s.eps, s.seed, device
+        ),
         "inference_floor": run_inference,
         "inference_panoptic_only": run_inference_panoptic_only,
     }
-    defended = [d for d in variants if defenses[d] is not None]
-    for d in defended:
-        tasks[f"defense_floor:{d}"] = lambda t=defenses[d]: t.apply_image(image_u8)
+    for d in s.defended:
+        tasks[f"defense_floor:{d}"] = lambda t=s.defenses[d]: t.apply_image(image_u8)
+    return tasks
 
+
+def _measure(tasks, reps, device):
+    """Interleaved timings, the hook's records, the floor's images and inference outputs."""
     records, floor_advs, inference_outputs = [], [], {}
 
     def on_result(name, rep, value):
@@ -197,13 +199,87 @@ def run(args) -> dict:
             inference_outputs[name] = value[0]
 
     timings = bu.interleaved_timings(tasks, reps=reps, warmup=1, device=device, on_result=on_result)
-    perturb_cpu = perturb_watch.cpu[-reps:]  # timed reps only (the warm-up call came first)
-    # Same work? The floor's adversarial image must equal the hook's.
-    max_diff = float((floor_advs[-1].cpu() - captured["adv"].cpu()).abs().max())
-    full_out, lean_out = (
-        inference_outputs["inference_floor"],
-        inference_outputs["inference_panoptic_only"],
-    )
+    return timings, records, floor_advs, inference_outputs
+
+
+def _breakdown(clock, timings, s, attack_s, perturb_cpu, defense_s, reps):
+    """Component table for one clock ("wall" or "cpu")."""
+    t = getattr(timings, clock)
+    n_var = len(s.variants)
+    hook_attack = attack_s if clock == "wall" else perturb_cpu
+    inference_floor = [n_var * v for v in t["inference_floor"]]
+    defense_floors = [sum(t[f"defense_floor:{d}"][i] for d in s.defended) for i in range(reps)]
+    floor_full = [
+        t["attack_floor"][i] + inference_floor[i] + defense_floors[i] for i in range(reps)
+    ]
+    rows = [_row(f"attack ({s.attack_name}, T={s.steps})", hook_attack, t["attack_floor"])]
+    if clock == "wall":  # the hook records wall seconds of its defense calls only
+        for d in s.defended:
+            name = f"defense {d} (hook incl. tensor<->numpy)"
+            rows.append(_row(name, defense_s[d], t[f"defense_floor:{d}"]))
+        hook_defenses = [sum(defense_s[d][i] for d in s.defended) for i in range(reps)]
+        rest = [t["hook"][i] - attack_s[i] - hook_defenses[i] for i in range(reps)]
+        rows.append(_row(f"inference x{n_var} + bookkeeping", rest, inference_floor))
+    else:
+        rest = [t["hook"][i] - perturb_cpu[i] for i in range(reps)]
+        floor_rest = [floor_full[i] - t["attack_floor"][i] for i in range(reps)]
+        rows.append(_row(f"defenses + inference x{n_var} + bookkeeping", rest, floor_rest))
+    rows.append(_row("full hook call", t["hook"], floor_full))
+    return rows
+
+
+DEFINITIONS = {
+    "ratio": "median over repetitions of the per-repetition ratio hook / floor",
+    "attack hook time": "wall: the hook's record['attack_s']; cpu: process_time around "
+    "attack.perturb",
+    "attack_floor": "T x (torch.manual_seed(image seed); train-mode forward with frozen norms; "
+    "autograd.grad to the image; sign step; L-inf/box clip), one EventStorage",
+    "full hook floor": "attack floor + variants x bare no_grad inference + bare defense "
+    "apply_image on the uint8 HWC image",
+}
+
+
+def _headlines(args, s, ratios, cpu_rows, lean_ratio, same_panoptic, num_detections, attack_s, hw):
+    attack_ratio, hook_ratio = ratios
+    height, width = s.x["image"].shape[-2:]
+    return [
+        bu.headline(
+            "attack-only / floor",
+            attack_ratio,
+            "x",
+            f"{args.attack} eps {args.eps:g} T={s.steps}, wall; goal <= {GOAL}; "
+            f"cpu-time ratio {bu.format_value(cpu_rows[0]['ratio'])}",
+        ),
+        bu.headline(
+            "full hook / floor",
+            hook_ratio,
+            "x",
+            f"attack + {'+'.join(s.variants)} inference, wall; cpu-time ratio "
+            f"{bu.format_value(cpu_rows[-1]['ratio'])}",
+        ),
+        bu.headline(
+            "inference without detector masks / full",
+            lean_ratio,
+            "x",
+            f"same panoptic_seg: {'yes' if same_panoptic else 'NO'}; "
+            f"{num_detections} detections whose masks the sweep never uses",
+        ),
+        bu.headline(
+            "attack s per image",
+            bu.median(attack_s),
+            "s",
+            f"{int(height)}x{int(width)}, batch 1, {hw['torch_threads']} threads",
+        ),
+    ]
+
+
+def _panoptic_only_check(timings, inference_outputs):
+    """Full inference's outputs, whether the panoptic-only inference gives the same
+    panoptic_seg, and its time ratio to the full one."""
+    import torch
+
+    full_out = inference_outputs["inference_floor"]
+    lean_out = inference_outputs["inference_panoptic_only"]
     same_panoptic = bool(
         torch.equal(full_out["panoptic_seg"][0], lean_out["panoptic_seg"][0])
         and full_out["panoptic_seg"][1] == lean_out["panoptic_seg"][1]
@@ -211,56 +287,51 @@ def run(args) -> dict:
     lean_ratio = bu.median(
         bu.paired_ratios(timings.wall["inference_panoptic_only"], timings.wall["inference_floor"])
     )
+    return full_out, same_panoptic, lean_ratio
 
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    bu.apply_threads(args.threads)
+    reps = args.reps or (5 if args.quick else 11)
+    s = _setup(args, device)
+    s.eps, s.attack_name = args.eps, args.attack
+    s.defended = [d for d in s.variants if s.defenses[d] is not None]
+    hook, perturb_watch, adv = _instrumented_hook(s, device)
+    timings, records, floor_advs, inference_outputs = _measure(
+        _tasks(s, hook, adv, device), reps, device
+    )
+    perturb_cpu = perturb_watch.cpu[-reps:]  # timed reps only (the warm-up call came first)
+    # Same work? The floor's adversarial image must equal the hook's.
+    max_diff = float((floor_advs[-1].cpu() - adv.cpu()).abs().max())
+    full_out, same_panoptic, lean_ratio = _panoptic_only_check(timings, inference_outputs)
     attack_s = [r["attack_s"] for r in records]
-    defense_s = {d: [r["defense_s"][d] for r in records] for d in defended}
-    n_var = len(variants)
-
-    def breakdown(clock):
-        """Component table for one clock ("wall" or "cpu")."""
-        t = getattr(timings, clock)
-        hook_attack = attack_s if clock == "wall" else perturb_cpu
-        inference_floor = [n_var * v for v in t["inference_floor"]]
-        floor_full = [
-            t["attack_floor"][i]
-            + inference_floor[i]
-            + sum(t[f"defense_floor:{d}"][i] for d in defended)
-            for i in range(reps)
-        ]
-        rows = [_row(f"attack ({args.attack}, T={steps})", hook_attack, t["attack_floor"])]
-        if clock == "wall":  # the hook records wall seconds of its defense calls only
-            for d in defended:
-                rows.append(
-                    _row(
-                        f"defense {d} (hook incl. tensor<->numpy)",
-                        defense_s[d],
-                        t[f"defense_floor:{d}"],
-                    )
-                )
-            rest = [
-                t["hook"][i] - attack_s[i] - sum(defense_s[d][i] for d in defended)
-                for i in range(reps)
-            ]
-            rows.append(_row(f"inference x{n_var} + bookkeeping", rest, inference_floor))
-        else:
-            rest = [t["hook"][i] - perturb_cpu[i] for i in range(reps)]
-            floor_rest = [floor_full[i] - t["attack_floor"][i] for i in range(reps)]
-            rows.append(_row(f"defenses + inference x{n_var} + bookkeeping", rest, floor_rest))
-        rows.append(_row("full hook call", t["hook"], floor_full))
-        return rows
-
-    wall_rows, cpu_rows = breakdown("wall"), breakdown("cpu")
+    defense_s = {d: [r["defense_s"][d] for r in records] for d in s.defended}
+    wall_rows, cpu_rows = (
+        _breakdown(clock, timings, s, attack_s, perturb_cpu, defense_s, reps)
+        for clock in ("wall", "cpu")
+    )
     attack_ratio, hook_ratio = wall_rows[0]["ratio"], wall_rows[-1]["ratio"]
     hw = bu.hardware_info(device)
+    height, width = s.x["image"].shape[-2:]
     return {
         "hardware": hw,
         "device": device,
         "image_size": [int(height), int(width)],
         "batch_size": 1,
         "weights": args.weights or f"untrained (torch.manual_seed({args.seed}))",
-        "attack": desc,
+        "attack": s.desc,
         "objective": OBJECTIVE,
-        "defense_variants": variants,
+        "defense_variants": s.variants,
         "repetitions": reps,
         "warmup": 1,
         "quick": bool(args.quick),
@@ -274,8 +345,8 @@ def run(args) -> dict:
         "inference_panoptic_only_ratio": lean_ratio,
         "inference_panoptic_only_same_panoptic_seg": same_panoptic,
         "num_detections": len(full_out["instances"]),
-        "attack_s_per_step": bu.median(attack_s) / steps,
-        "floor_s_per_step": bu.median(timings.wall["attack_floor"]) / steps,
+        "attack_s_per_step": bu.median(attack_s) / s.steps,
+        "floor_s_per_step": bu.median(timings.wall["attack_floor"]) / s.steps,
         "components_wall": wall_rows,
         "components_cpu": cpu_rows,
         "raw_seconds": {
@@ -285,43 +356,11 @@ def run(args) -> dict:
             "hook_attack_cpu_s": perturb_cpu,
             "hook_defense_s": defense_s,
         },
-        "definitions": {
-            "ratio": "median over repetitions of the per-repetition ratio hook / floor",
-            "attack hook time": "wall: the hook's record['attack_s']; cpu: process_time around attack.perturb",
-            "attack_floor": "T x (torch.manual_seed(image seed); train-mode forward with frozen norms; "
-            "autograd.grad to the image; sign step; L-inf/box clip), one EventStorage",
-            "full hook floor": "attack floor + variants x bare no_grad inference + bare defense "
-            "apply_image on the uint8 HWC image",
-        },
-        "headline": [
-            bu.headline(
-                "attack-only / floor",
-                attack_ratio,
-                "x",
-                f"{args.attack} eps {args.eps:g} T={steps}, wall; goal <= {GOAL}; "
-                f"cpu-time ratio {bu.format_value(cpu_rows[0]['ratio'])}",
-            ),
-            bu.headline(
-                "full hook / floor",
-                hook_ratio,
-                "x",
-                f"attack + {'+'.join(variants)} inference, wall; cpu-time ratio "
-                f"{bu.format_value(cpu_rows[-1]['ratio'])}",
-            ),
-            bu.headline(
-                "inference without detector masks / full",
-                lean_ratio,
-                "x",
-                f"same panoptic_seg: {'yes' if same_panoptic else 'NO'}; "
-                f"{len(full_out['instances'])} detections whose masks the sweep never uses",
-            ),
-            bu.headline(
-                "attack s per image",
-                bu.median(attack_s),
-                "s",
-                f"{int(height)}x{int(width)}, batch 1, {hw['torch_threads']} threads",
-            ),
-        ],
+        "definitions": DEFINITIONS,
+        "headline": _headlines(
+            args, s, (attack_ratio, hook_ratio), cpu_rows, lean_ratio, same_panoptic,
+            len(full_out["instances"]), attack_s, hw,
+        ),  # fmt: skip
     }
 
 

@@ -77,6 +77,67 @@ def make_images(kind: str, seed: int = 0):
     return images
 
 
+def _tasks(transforms, images, device):
+    """Timed calls: the full-size image per (defense, variant), and at demo size both the
+    numpy path and the hook's tensor path per (defense, variant, path)."""
+    import torch
+
+    from upsnet_robust.defenses import apply_defense_to_tensor
+
+    tasks_full, tasks_demo = {}, {}
+    for n, t in transforms.items():
+        for variant in ("clean", "noisy"):
+            full_img, demo_img = images[("full", variant)], images[("demo", variant)]
+            tasks_full[(n, variant)] = lambda t=t, img=full_img: t.apply_image(img)
+            tasks_demo[(n, variant, "numpy")] = lambda t=t, img=demo_img: t.apply_image(img)
+            tensor = torch.from_numpy(demo_img).permute(2, 0, 1)[None].float().to(device)
+            tasks_demo[(n, variant, "hook")] = lambda t=t, x=tensor: apply_defense_to_tensor(
+                t, x, "BGR"
+            )
+    return tasks_full, tasks_demo
+
+
+def _rows(names, full, demo):
+    """One row per (defense, image variant): medians and the hook / numpy ratio."""
+    rows = []
+    for n in names:
+        for variant in ("clean", "noisy"):
+            hook, numpy_path = demo.wall[(n, variant, "hook")], demo.wall[(n, variant, "numpy")]
+            rows.append(
+                {
+                    "defense": n,
+                    "image": variant,
+                    "full_s": bu.median(full.wall[(n, variant)]),
+                    "full_cpu_s": bu.median(full.cpu[(n, variant)]),
+                    "demo_s": bu.median(numpy_path),
+                    "demo_hook_s": bu.median(hook),
+                    "hook_over_numpy": bu.median(bu.paired_ratios(hook, numpy_path)),
+                }
+            )
+    return rows
+
+
+def _headlines(rows):
+    slowest = max((r for r in rows if r["image"] == "noisy"), key=lambda r: r["full_s"])
+    return [
+        bu.headline(
+            f"{r['defense']} s/image 2048x1024",
+            r["full_s"],
+            "s",
+            f"noisy image; 256x128: {bu.format_value(r['demo_s'])} s",
+        )
+        for r in rows
+        if r["image"] == "noisy"
+    ] + [
+        bu.headline(
+            "slowest defense",
+            slowest["defense"],
+            "",
+            f"{bu.format_value(slowest['full_s'])} s at 2048x1024",
+        )
+    ]
+
+
 def run(args) -> dict:
     """Run the benchmark.
 
@@ -89,68 +150,26 @@ def run(args) -> dict:
     bu.ensure_synthetic_data()
     device = bu.resolve_device(args.device)
     bu.apply_threads(args.threads)
-    import torch
-
-    from upsnet_robust.defenses import (
-        adaptive_nlmeans_h,
-        apply_defense_to_tensor,
-        build_defense,
-        registered_defense_names,
-    )
+    from upsnet_robust.defenses import adaptive_nlmeans_h, build_defense, registered_defense_names
 
     names = args.defenses or registered_defense_names()
     reps_full = args.reps_full or (1 if args.quick else 2)
     reps_demo = args.reps_demo or (3 if args.quick else 7)
     images = make_images(args.image, args.seed)
     transforms = {n: build_defense(n) for n in names}
-
-    tasks_full, tasks_demo = {}, {}
-    for n, t in transforms.items():
-        for variant in ("clean", "noisy"):
-            tasks_full[(n, variant)] = lambda t=t, img=images[("full", variant)]: t.apply_image(img)
-            tasks_demo[(n, variant, "numpy")] = lambda t=t, img=images[
-                ("demo", variant)
-            ]: t.apply_image(img)
-            tensor = (
-                torch.from_numpy(images[("demo", variant)])
-                .permute(2, 0, 1)[None]
-                .float()
-                .to(device)
-            )
-            tasks_demo[(n, variant, "hook")] = lambda t=t, x=tensor: apply_defense_to_tensor(
-                t, x, "BGR"
-            )
-
+    tasks_full, tasks_demo = _tasks(transforms, images, device)
     demo = bu.interleaved_timings(tasks_demo, reps=reps_demo, warmup=1, device=device)
     full = bu.interleaved_timings(tasks_full, reps=reps_full, warmup=0, device=device)
-
-    rows = []
-    for n in names:
-        for variant in ("clean", "noisy"):
-            row = {
-                "defense": n,
-                "image": variant,
-                "full_s": bu.median(full.wall[(n, variant)]),
-                "full_cpu_s": bu.median(full.cpu[(n, variant)]),
-                "demo_s": bu.median(demo.wall[(n, variant, "numpy")]),
-                "demo_hook_s": bu.median(demo.wall[(n, variant, "hook")]),
-            }
-            row["hook_over_numpy"] = bu.median(
-                bu.paired_ratios(demo.wall[(n, variant, "hook")], demo.wall[(n, variant, "numpy")])
-            )
-            rows.append(row)
+    rows = _rows(names, full, demo)
     adaptive_h = {}
     if "adaptive_nlmeans" in names:
         adaptive_h = {f"{s}/{v}": adaptive_nlmeans_h(img) for (s, v), img in images.items()}
-
-    hw = bu.hardware_info(device)
-    slowest = max((r for r in rows if r["image"] == "noisy"), key=lambda r: r["full_s"])
     params = {
         n: {k: v for k, v in vars(t).items() if not k.startswith("_")}
         for n, t in transforms.items()
     }
     return {
-        "hardware": hw,
+        "hardware": bu.hardware_info(device),
         "device": f"{device} (defenses run on the CPU: numpy/OpenCV)",
         "image_sizes": {k: list(v) for k, v in SIZES.items()},
         "image_source": args.image,
@@ -166,24 +185,7 @@ def run(args) -> dict:
             "full": {f"{k[0]}/{k[1]}": v for k, v in full.wall.items()},
             "demo": {"/".join(k): v for k, v in demo.wall.items()},
         },
-        "headline": [
-            bu.headline(
-                f"{r['defense']} s/image 2048x1024",
-                r["full_s"],
-                "s",
-                f"noisy image; 256x128: {bu.format_value(r['demo_s'])} s",
-            )
-            for r in rows
-            if r["image"] == "noisy"
-        ]
-        + [
-            bu.headline(
-                "slowest defense",
-                slowest["defense"],
-                "",
-                f"{bu.format_value(slowest['full_s'])} s at 2048x1024",
-            )
-        ],
+        "headline": _headlines(rows),
     }
 
 

@@ -97,158 +97,223 @@ def accuracy(out, ref):
     }
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+class _Context:
+    """Settings shared by the measurements: device, options and the benchmark's clock."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.cuda = args, device, device == "cuda"
+        self.start = time.perf_counter()
+        self.skipped = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def to_tensor(self, imgs):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().to(self.device)
+
+
+def _to_numpy(x):
+    return x.detach().cpu().permute(0, 2, 3, 1).numpy()
+
+
+def _time_batches(ctx, full, imgs, x1, x4):
+    """Interleaved OpenCV / torch batch 1 (/ batch 4) timings; medians and first outputs."""
     import cv2
-    import numpy as np
     import torch
 
     from upsnet_robust.defenses.torch_nlmeans import nlmeans_torch
 
-    t_start = time.perf_counter()
+    outputs = {}
+
+    def keep(name, rep, value):
+        if rep == 0:
+            outputs[name] = value
+
+    tasks = {
+        "opencv_b1": lambda: cv2.fastNlMeansDenoisingColored(imgs[0], None, 10, 10, 7, 21),
+        "torch_b1": lambda: nlmeans_torch(x1, **PARAMS),
+    }
+    if ctx.cuda or not full:
+        tasks["torch_b4"] = lambda: nlmeans_torch(x4, **PARAMS)
+    if ctx.cuda:
+        reps, warmup = (3, 1) if ctx.args.quick else (10, 2)
+    else:
+        reps, warmup = (1 if (ctx.args.quick or full) else 3), (0 if full else 1)
+    with torch.no_grad():
+        timings = bu.interleaved_timings(
+            tasks, reps=reps, warmup=warmup, device=ctx.device, on_result=keep
+        )
+    wall = {k: bu.median(v) for k, v in timings.wall.items()}
+    cpu = {k: bu.median(v) for k, v in timings.cpu.items()}
+    return wall, cpu, outputs, reps
+
+
+def _full_size_batch4(ctx, size, x4, wall, cpu):
+    """Batch 4 at full size on the CPU, once, only when it fits the time budget."""
+    import torch
+
+    from upsnet_robust.defenses.torch_nlmeans import nlmeans_torch
+
+    estimate = 1.3 * 4 * wall["torch_b1"]
+    if ctx.args.quick or ctx.elapsed() + estimate > ctx.args.budget_s:
+        ctx.skipped.append(f"torch batch 4 at {size[1]}x{size[0]} (estimated {estimate:.0f} s)")
+        return
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        nlmeans_torch(x4, **PARAMS)
+    wall["torch_b4"], cpu["torch_b4"] = time.perf_counter() - t0, time.process_time() - c0
+
+
+def _accuracies(entry, full, imgs, x1, outputs):
+    """The torch outputs against OpenCV's (batch 1, batch 4, and the smooth relaxation)."""
+    import cv2
+    import torch
+
+    from upsnet_robust.defenses.torch_nlmeans import nlmeans_torch
+
+    ref = outputs["opencv_b1"]
+    entry["accuracy_quantize"] = accuracy(_to_numpy(outputs["torch_b1"])[0], ref)
+    if "torch_b4" in outputs and not full:
+        b4 = _to_numpy(outputs["torch_b4"])
+        refs = [cv2.fastNlMeansDenoisingColored(im, None, 10, 10, 7, 21) for im in imgs]
+        entry["accuracy_quantize_b4_max_abs_diff"] = max(
+            accuracy(b4[i], refs[i])["max_abs_diff"] for i in range(4)
+        )
+    if not full:
+        with torch.no_grad():
+            smooth = nlmeans_torch(x1, quantize=False, **PARAMS)
+        entry["accuracy_smooth"] = accuracy(_to_numpy(smooth)[0], ref)
+
+
+def _gradient_timing(ctx, entry, size, x1, wall):
+    """Forward + backward (one attack gradient, quantize=True: straight-through)."""
+    import torch
+
+    from upsnet_robust.defenses.torch_nlmeans import nlmeans_torch
+
+    est = 15 * wall["torch_b1"]
+    if not (ctx.cuda or (not ctx.args.quick and ctx.elapsed() + est <= ctx.args.budget_s)):
+        ctx.skipped.append(f"gradient timing at {size[1]}x{size[0]}")
+        return
+    xg = x1.clone().requires_grad_(True)
+    gwall = []
+    for _ in range(2 if ctx.cuda else 1):
+        xg.grad = None
+        bu.synchronize(ctx.device)
+        t0 = time.perf_counter()
+        out = nlmeans_torch(xg, **PARAMS)
+        out.float().mean().backward()
+        bu.synchronize(ctx.device)
+        gwall.append(time.perf_counter() - t0)
+    entry["grad_seconds_per_image"] = min(gwall)
+    entry["grad_finite"] = bool(torch.isfinite(xg.grad).all())
+    if ctx.cuda:
+        entry["grad_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def _measure_size(ctx, key, size):
+    """Everything measured at one size: the result entry and its table row."""
+    full = key == "full"
+    imgs = make_batch(size, 4, seed=ctx.args.seed)
+    x1, x4 = ctx.to_tensor(imgs[:1]), ctx.to_tensor(imgs)
+    wall, cpu, outputs, reps = _time_batches(ctx, full, imgs, x1, x4)
+    if full and not ctx.cuda:
+        _full_size_batch4(ctx, size, x4, wall, cpu)
+    per_image = {
+        "opencv_b1": wall["opencv_b1"],
+        "torch_b1": wall["torch_b1"],
+        "torch_b4": wall["torch_b4"] / 4 if "torch_b4" in wall else None,
+    }
+    entry = {
+        "height": size[0],
+        "width": size[1],
+        "reps": reps,
+        "seconds_per_image": per_image,
+        "cpu_seconds_per_image": {
+            "opencv_b1": cpu["opencv_b1"],
+            "torch_b1": cpu["torch_b1"],
+            "torch_b4": cpu["torch_b4"] / 4 if "torch_b4" in cpu else None,
+        },
+        "torch_over_opencv_b1": bu.ratio(per_image["torch_b1"], per_image["opencv_b1"]),
+    }
+    _accuracies(entry, full, imgs, x1, outputs)
+    if (not full) or ctx.cuda:
+        _gradient_timing(ctx, entry, size, x1, wall)
+    acc = entry["accuracy_quantize"]
+    row = [
+        f"{size[1]}x{size[0]}",
+        per_image["opencv_b1"],
+        per_image["torch_b1"],
+        per_image["torch_b4"],
+        entry.get("grad_seconds_per_image"),
+        acc["max_abs_diff"],
+        acc["mean_abs_diff"],
+        "inf" if acc["psnr_db"] is None else acc["psnr_db"],
+    ]
+    return entry, row
+
+
+HEADERS = [
+    "size (WxH)",
+    "OpenCV s/img",
+    "torch b1 s/img",
+    "torch b4 s/img",
+    "torch fwd+bwd s/img",
+    "max abs diff",
+    "mean abs diff",
+    "PSNR dB",
+]
+
+
+def _headlines(results, device, threads):
+    demo = results["sizes"]["256x128"]
+    full_entry = results["sizes"]["2048x1024"]
+    where = f"{device}, {threads} thread(s)"
+    return [
+        bu.headline(
+            "torch/OpenCV s per image, 2048x1024, batch 1",
+            full_entry["torch_over_opencv_b1"],
+            "x",
+            where,
+        ),
+        bu.headline(
+            "torch/OpenCV s per image, 256x128, batch 1", demo["torch_over_opencv_b1"], "x", where
+        ),
+        bu.headline(
+            "torch vs OpenCV max abs diff (2048x1024)",
+            full_entry["accuracy_quantize"]["max_abs_diff"],
+            "grey levels",
+            "quantize=True",
+        ),
+        bu.headline(
+            "smooth relaxation vs OpenCV PSNR (256x128)",
+            demo["accuracy_smooth"]["psnr_db"],
+            "dB",
+            "quantize=False",
+        ),
+    ]
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    import cv2
+
     device = bu.resolve_device(args.device)
+    ctx = _Context(args, device)
     threads = bu.apply_threads(args.threads)
     if args.threads and args.threads > 0:
         cv2.setNumThreads(int(args.threads))
     info = bu.hardware_info(device)
-    cuda = device == "cuda"
-
-    def to_tensor(imgs):
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        return x.to(device)
-
-    def to_numpy(x):
-        return x.detach().cpu().permute(0, 2, 3, 1).numpy()
-
-    def elapsed():
-        return time.perf_counter() - t_start
-
-    results = {"sizes": {}, "skipped": []}
+    results = {"sizes": {}, "skipped": ctx.skipped}
     rows = []
     for key, size in SIZES.items():
-        full = key == "full"
-        imgs = make_batch(size, 4, seed=args.seed)
-        x1, x4 = to_tensor(imgs[:1]), to_tensor(imgs)
-        outputs = {}
-
-        def keep(name, rep, value):
-            if rep == 0:
-                outputs[name] = value
-
-        tasks = {
-            "opencv_b1": lambda: cv2.fastNlMeansDenoisingColored(imgs[0], None, 10, 10, 7, 21),
-            "torch_b1": lambda: nlmeans_torch(x1, **PARAMS),
-        }
-        if cuda or not full:
-            tasks["torch_b4"] = lambda: nlmeans_torch(x4, **PARAMS)
-        if cuda:
-            reps, warmup = (3, 1) if args.quick else (10, 2)
-        else:
-            reps = 1 if (args.quick or full) else 3
-            warmup = 0 if full else 1
-        with torch.no_grad():
-            timings = bu.interleaved_timings(
-                tasks, reps=reps, warmup=warmup, device=device, on_result=keep
-            )
-        wall = {k: bu.median(v) for k, v in timings.wall.items()}
-        cpu = {k: bu.median(v) for k, v in timings.cpu.items()}
-        # batch 4 at full size on the CPU: only when it fits the time budget
-        if full and not cuda:
-            estimate = 1.3 * 4 * wall["torch_b1"]
-            if args.quick or elapsed() + estimate > args.budget_s:
-                results["skipped"].append(
-                    f"torch batch 4 at {size[1]}x{size[0]} (estimated {estimate:.0f} s)"
-                )
-            else:
-                t0, c0 = time.perf_counter(), time.process_time()
-                with torch.no_grad():
-                    nlmeans_torch(x4, **PARAMS)
-                wall["torch_b4"], cpu["torch_b4"] = (
-                    time.perf_counter() - t0,
-                    time.process_time() - c0,
-                )
-        per_image = {
-            "opencv_b1": wall["opencv_b1"],
-            "torch_b1": wall["torch_b1"],
-            "torch_b4": wall["torch_b4"] / 4 if "torch_b4" in wall else None,
-        }
-        entry = {
-            "height": size[0],
-            "width": size[1],
-            "reps": reps,
-            "seconds_per_image": per_image,
-            "cpu_seconds_per_image": {
-                "opencv_b1": cpu["opencv_b1"],
-                "torch_b1": cpu["torch_b1"],
-                "torch_b4": cpu["torch_b4"] / 4 if "torch_b4" in cpu else None,
-            },
-            "torch_over_opencv_b1": bu.ratio(per_image["torch_b1"], per_image["opencv_b1"]),
-        }
-        ref = outputs["opencv_b1"]
-        entry["accuracy_quantize"] = accuracy(to_numpy(outputs["torch_b1"])[0], ref)
-        if "torch_b4" in outputs:
-            b4 = to_numpy(outputs["torch_b4"])
-            refs = (
-                [cv2.fastNlMeansDenoisingColored(im, None, 10, 10, 7, 21) for im in imgs]
-                if not full
-                else None
-            )
-            if refs is not None:
-                entry["accuracy_quantize_b4_max_abs_diff"] = max(
-                    accuracy(b4[i], refs[i])["max_abs_diff"] for i in range(4)
-                )
-        if not full:
-            with torch.no_grad():
-                smooth = nlmeans_torch(x1, quantize=False, **PARAMS)
-            entry["accuracy_smooth"] = accuracy(to_numpy(smooth)[0], ref)
-        # forward + backward (one attack gradient), quantize=True (straight-through)
-        if (not full) or cuda:
-            est = 15 * wall["torch_b1"]
-            if cuda or (not args.quick and elapsed() + est <= args.budget_s):
-                xg = x1.clone().requires_grad_(True)
-                gwall = []
-                for _ in range(2 if cuda else 1):
-                    xg.grad = None
-                    bu.synchronize(device)
-                    t0 = time.perf_counter()
-                    out = nlmeans_torch(xg, **PARAMS)
-                    out.float().mean().backward()
-                    bu.synchronize(device)
-                    gwall.append(time.perf_counter() - t0)
-                entry["grad_seconds_per_image"] = min(gwall)
-                entry["grad_finite"] = bool(torch.isfinite(xg.grad).all())
-                if cuda:
-                    entry["grad_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                results["skipped"].append(f"gradient timing at {size[1]}x{size[0]}")
+        entry, row = _measure_size(ctx, key, size)
         results["sizes"][f"{size[1]}x{size[0]}"] = entry
-        acc = entry["accuracy_quantize"]
-        rows.append(
-            [
-                f"{size[1]}x{size[0]}",
-                per_image["opencv_b1"],
-                per_image["torch_b1"],
-                per_image["torch_b4"],
-                entry.get("grad_seconds_per_image"),
-                acc["max_abs_diff"],
-                acc["mean_abs_diff"],
-                "inf" if acc["psnr_db"] is None else acc["psnr_db"],
-            ]
-        )
-
-    headers = [
-        "size (WxH)",
-        "OpenCV s/img",
-        "torch b1 s/img",
-        "torch b4 s/img",
-        "torch fwd+bwd s/img",
-        "max abs diff",
-        "mean abs diff",
-        "PSNR dB",
-    ]
-    table = bu.format_table(headers, rows)
-    demo = results["sizes"]["256x128"]
-    full_entry = results["sizes"]["2048x1024"]
+        rows.append(row)
+    table = bu.format_table(HEADERS, rows)
     payload = {
         "hardware": info,
         "threads": threads,
@@ -258,45 +323,20 @@ def main(argv=None):
         "noise_sigma": NOISE_SIGMA,
         "results": results,
         "table": table,
-        "runtime_s": elapsed(),
-        "headline": [
-            bu.headline(
-                "torch/OpenCV s per image, 2048x1024, batch 1",
-                full_entry["torch_over_opencv_b1"],
-                "x",
-                f"{device}, {threads} thread(s)",
-            ),
-            bu.headline(
-                "torch/OpenCV s per image, 256x128, batch 1",
-                demo["torch_over_opencv_b1"],
-                "x",
-                f"{device}, {threads} thread(s)",
-            ),
-            bu.headline(
-                "torch vs OpenCV max abs diff (2048x1024)",
-                full_entry["accuracy_quantize"]["max_abs_diff"],
-                "grey levels",
-                "quantize=True",
-            ),
-            bu.headline(
-                "smooth relaxation vs OpenCV PSNR (256x128)",
-                demo["accuracy_smooth"]["psnr_db"],
-                "dB",
-                "quantize=False",
-            ),
-        ],
+        "runtime_s": ctx.elapsed(),
+        "headline": _headlines(results, device, threads),
     }
     path = bu.write_result(NAME, payload, args.output)
     print(bu.hardware_line(info))
     print(table)
-    s = demo["accuracy_smooth"]
+    s = results["sizes"]["256x128"]["accuracy_smooth"]
     print(
         f"smooth relaxation (quantize=False) at 256x128: max {s['max_abs_diff']:.2f}, "
         f"mean {s['mean_abs_diff']:.3f}, PSNR {s['psnr_db']:.1f} dB"
     )
     for item in results["skipped"]:
         print(f"skipped: {item}")
-    print(f"total {elapsed():.0f} s; wrote {path}")
+    print(f"total {ctx.elapsed():.0f} s; wrote {path}")
     return payload
 
 

@@ -17,6 +17,7 @@ It also runs on 2 images (one small-sweep pass), which exposes the fixed cost of
 """
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -76,51 +77,30 @@ def gt_predictions(dicts, thing_contiguous_ids, shift: int = 0):
     return outputs
 
 
-def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
-    import copy
-
-    bu.setup_environment()
-    import upsnet_robust  # noqa: F401  registers the data set
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+def _evaluator_configs(n_all: int, n: int) -> dict:
+    """{name: (evaluator class, images)}. COCOPanopticEvaluator needs a prediction for every GT
+    image, so it runs on the full set only; the sweep's subset evaluator also runs on 2 images
+    (a small sweep's pass), which shows the fixed cost per evaluate() call."""
     from detectron2.evaluation import COCOPanopticEvaluator
 
     from upsnet_robust.evaluation import PanopticSubsetEvaluator
 
-    logging.getLogger("detectron2").setLevel(logging.WARNING)
-    reps = args.reps or (3 if args.quick else 5)
-    dicts = DatasetCatalog.get(DATASET)
-    if args.images > 0:
-        dicts = dicts[: args.images]
-    meta = MetadataCatalog.get(DATASET)
-    things = set(meta.thing_dataset_id_to_contiguous_id.values())
-    outputs = gt_predictions(dicts, things, args.shift)
-    inputs = [{"image_id": d["image_id"], "file_name": d["file_name"]} for d in dicts]
-    n = len(dicts)
-    # COCOPanopticEvaluator needs a prediction for every GT image, so it runs on the full set
-    # only; the sweep's subset evaluator also runs on 2 images (a small sweep's pass), which
-    # shows the fixed cost per evaluate() call.
     configs = {}
-    if n == len(DatasetCatalog.get(DATASET)):
+    if n == n_all:
         configs["COCOPanopticEvaluator"] = (COCOPanopticEvaluator, n)
     configs["PanopticSubsetEvaluator"] = (PanopticSubsetEvaluator, n)
     configs[f"PanopticSubsetEvaluator, {min(2, n)} images"] = (PanopticSubsetEvaluator, min(2, n))
+    return configs
 
+
+def _time_evaluators(configs, inputs, outputs, reps):
+    """process() and evaluate() seconds per configuration, rotating the order each repetition
+    (the first repetition is a warm-up), and each configuration's results."""
     process_s = {k: [] for k in configs}
     evaluate_s = {k: [] for k in configs}
     pq = {}
     names = list(configs)
-    for r in range(reps + 1):  # the first repetition is a warm-up
+    for r in range(reps + 1):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             cls, count = configs[name]
             ev = cls(DATASET)
@@ -142,7 +122,10 @@ def run(args) -> dict:
                 process_s[name].append(t_process)
                 evaluate_s[name].append(t_eval)
             pq[name] = res["panoptic_seg"]
-    height, width = outputs[0]["panoptic_seg"][0].shape
+    return process_s, evaluate_s, pq
+
+
+def _rows(configs, process_s, evaluate_s, pq):
     rows = []
     for name, (_, count) in configs.items():
         total = [p + e for p, e in zip(process_s[name], evaluate_s[name])]
@@ -157,10 +140,63 @@ def run(args) -> dict:
                 "PQ": pq[name]["PQ"],
             }
         )
-    hw = bu.hardware_info(device)
+    return rows
+
+
+def _headlines(rows, n, height, width):
     main_row = rows[0]
+    return [
+        bu.headline(
+            f"PQ eval s/image ({main_row['evaluator']})",
+            main_row["total_s_per_image"],
+            "s",
+            f"{n} images {height}x{width}; PQ {bu.format_value(main_row['PQ'])} on "
+            "GT-derived predictions",
+        ),
+    ] + [
+        bu.headline(
+            f"PQ eval s/image ({r['evaluator']})",
+            r["total_s_per_image"],
+            "s",
+            f"evaluate() {bu.format_value(r['evaluate_s_total'])} s per call",
+        )
+        for r in rows[1:]
+    ]
+
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    bu.apply_threads(args.threads)
+    bu.setup_environment()
+    import upsnet_robust  # noqa: F401  registers the data set
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    reps = args.reps or (3 if args.quick else 5)
+    dicts = DatasetCatalog.get(DATASET)
+    n_all = len(dicts)
+    if args.images > 0:
+        dicts = dicts[: args.images]
+    meta = MetadataCatalog.get(DATASET)
+    things = set(meta.thing_dataset_id_to_contiguous_id.values())
+    outputs = gt_predictions(dicts, things, args.shift)
+    inputs = [{"image_id": d["image_id"], "file_name": d["file_name"]} for d in dicts]
+    n = len(dicts)
+    configs = _evaluator_configs(n_all, n)
+    process_s, evaluate_s, pq = _time_evaluators(configs, inputs, outputs, reps)
+    height, width = outputs[0]["panoptic_seg"][0].shape
+    rows = _rows(configs, process_s, evaluate_s, pq)
     return {
-        "hardware": hw,
+        "hardware": bu.hardware_info(device),
         "device": "cpu (panopticapi runs on the CPU)",
         "image_size": [int(height), int(width)],
         "batch_size": 1,
@@ -172,23 +208,7 @@ def run(args) -> dict:
         "results": rows,
         "pq_sanity": {k: v["PQ"] for k, v in pq.items()},
         "raw_seconds": {"process": process_s, "evaluate": evaluate_s},
-        "headline": [
-            bu.headline(
-                f"PQ eval s/image ({main_row['evaluator']})",
-                main_row["total_s_per_image"],
-                "s",
-                f"{n} images {height}x{width}; PQ {bu.format_value(main_row['PQ'])} on GT-derived predictions",
-            ),
-        ]
-        + [
-            bu.headline(
-                f"PQ eval s/image ({r['evaluator']})",
-                r["total_s_per_image"],
-                "s",
-                f"evaluate() {bu.format_value(r['evaluate_s_total'])} s per call",
-            )
-            for r in rows[1:]
-        ],
+        "headline": _headlines(rows, n, height, width),
     }
 
 

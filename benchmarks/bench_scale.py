@@ -122,71 +122,63 @@ def run_sweep(
     }
 
 
-def run(args) -> dict:
-    """Run the benchmark.
+def _sweep_opts(args, images: int) -> list:
+    return [
+        "ROBUSTNESS.ATTACKS", "['ifgsm']",
+        "ROBUSTNESS.EPSILONS", f"[{args.eps}]",
+        "ROBUSTNESS.DEFENSES", "['none', 'nlmeans']",
+        "ROBUSTNESS.MAX_IMAGES", str(images),
+        "ROBUSTNESS.NUM_EXAMPLES", "0",
+        "ROBUSTNESS.SEED", str(args.seed),
+        "DATALOADER.NUM_WORKERS", "0",
+    ]  # fmt: skip
 
-    Args:
-        args (argparse.Namespace): parsed command-line options.
 
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
+def _process_counts(args, device):
+    """The process counts that can run here (on CUDA one GPU per process) and those skipped."""
     import torch
 
-    images = args.images or (4 if args.quick else 8)
-    reps = args.reps or (1 if args.quick else 2)
+    counts = list(args.processes)
+    skipped = []
+    if device == "cuda":
+        skipped = [n for n in counts if n > torch.cuda.device_count()]
+        counts = [n for n in counts if n not in skipped]
+        for n in skipped:
+            print(f"  skipping {n} processes: only {torch.cuda.device_count()} GPU(s)")
+    if not counts:
+        raise SystemExit("no process count can run on this machine")
+    return counts, skipped
+
+
+def _run_all(args, device, counts, images):
+    """Every (repetition, process count) sweep, alternating the order; and the image size."""
+    import torch
+
     tmp = tempfile.mkdtemp(prefix="bench_scale_weights_")
     try:
         weights = args.weights
         cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, ["MODEL.WEIGHTS", ""], "cpu")
         from detectron2.data import DatasetCatalog
-
-        first = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
         from PIL import Image
 
-        with Image.open(first["file_name"]) as im:
+        with Image.open(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]) as im:
             image_size = [im.height, im.width]
         if not weights:
             model = bu.build_model_for_bench(cfg, None, seed=args.seed)
             weights = os.path.join(tmp, "untrained.pth")
             torch.save({"model": model.state_dict()}, weights)
-        opts = [
-            "ROBUSTNESS.ATTACKS",
-            "['ifgsm']",
-            "ROBUSTNESS.EPSILONS",
-            f"[{args.eps}]",
-            "ROBUSTNESS.DEFENSES",
-            "['none', 'nlmeans']",
-            "ROBUSTNESS.MAX_IMAGES",
-            str(images),
-            "ROBUSTNESS.NUM_EXAMPLES",
-            "0",
-            "ROBUSTNESS.SEED",
-            str(args.seed),
-            "DATALOADER.NUM_WORKERS",
-            "0",
-        ]
-        counts = list(args.processes)
-        skipped = []
-        if device == "cuda":  # one GPU per process
-            skipped = [n for n in counts if n > torch.cuda.device_count()]
-            counts = [n for n in counts if n not in skipped]
-            for n in skipped:
-                print(f"  skipping {n} processes: only {torch.cuda.device_count()} GPU(s)")
-        if not counts:
-            raise SystemExit("no process count can run on this machine")
         runs = []
-        for r in range(reps):
-            order = counts if r % 2 == 0 else list(reversed(counts))
-            for n in order:
-                runs.append(run_sweep(n, weights, opts, device))
+        for r in range(args.reps or (1 if args.quick else 2)):
+            for n in counts if r % 2 == 0 else list(reversed(counts)):
+                runs.append(run_sweep(n, weights, _sweep_opts(args, images), device))
                 print(f"  {n} process(es): {runs[-1]['wall_s']:.1f} s end-to-end", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return runs, image_size
 
-    passes = 2  # clean + ifgsm
+
+def _rows(counts, runs, images):
+    """Medians per process count, and speedups against the first count."""
     rows = []
     for n in counts:
         mine = [x for x in runs if x["processes"] == n]
@@ -214,11 +206,54 @@ def run(args) -> dict:
             if base["sweep_phase_s"] and row["sweep_phase_s"]
             else None
         )
+    return rows
+
+
+def _headlines(rows, images, passes, cells_equal):
+    base, last = rows[0], rows[-1]
+    return [
+        bu.headline(
+            f"sweep speedup {last['processes']} vs {base['processes']} processes",
+            last["speedup"],
+            "x",
+            f"end-to-end; sweep phase {bu.format_value(last['speedup_sweep_phase'])}x; "
+            f"OMP_NUM_THREADS {last['threads_per_process']}/process",
+        ),
+        bu.headline(
+            f"sweep images/s ({base['processes']} process)",
+            base["images_per_s"],
+            "img/s",
+            f"{images} images x {passes} passes, end-to-end",
+        ),
+        bu.headline(
+            f"PQ evaluation s per sweep ({base['processes']} vs {last['processes']} processes)",
+            f"{bu.format_value(base['pq_eval_s'])} vs {bu.format_value(last['pq_eval_s'])}",
+            "s",
+            f"{base['pq_eval_calls']} evaluate() calls, from log timestamps (1 s resolution)",
+        ),
+        bu.headline("cells equal across process counts", cells_equal, "", ""),
+    ]
+
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    images = args.images or (4 if args.quick else 8)
+    counts, skipped = _process_counts(args, device)
+    runs, image_size = _run_all(args, device, counts, images)
+    passes = 2  # clean + ifgsm
+    rows = _rows(counts, runs, images)
     cells_equal = all(x["scores"] == runs[0]["scores"] for x in runs)
-    hw = bu.hardware_info(device)
-    last = rows[-1]
     return {
-        "hardware": hw,
+        "hardware": bu.hardware_info(device),
         "device": device,
         "image_size": image_size,
         "batch_size": 1,
@@ -226,7 +261,7 @@ def run(args) -> dict:
         "passes": passes,
         "sweep": f"clean + ifgsm eps {args.eps:g}, defenses none+nlmeans, objective train_losses",
         "weights": args.weights or f"untrained (torch.manual_seed({args.seed}))",
-        "repetitions": reps,
+        "repetitions": args.reps or (1 if args.quick else 2),
         "quick": bool(args.quick),
         "thread_env": {str(n): thread_env(n) for n in counts},
         "skipped_process_counts": skipped,
@@ -234,28 +269,7 @@ def run(args) -> dict:
         "results": rows,
         "cells_equal_across_process_counts": cells_equal,
         "runs": runs,
-        "headline": [
-            bu.headline(
-                f"sweep speedup {last['processes']} vs {base['processes']} processes",
-                last["speedup"],
-                "x",
-                f"end-to-end; sweep phase {bu.format_value(last['speedup_sweep_phase'])}x; "
-                f"OMP_NUM_THREADS {last['threads_per_process']}/process",
-            ),
-            bu.headline(
-                f"sweep images/s ({base['processes']} process)",
-                base["images_per_s"],
-                "img/s",
-                f"{images} images x {passes} passes, end-to-end",
-            ),
-            bu.headline(
-                f"PQ evaluation s per sweep ({base['processes']} vs {last['processes']} processes)",
-                f"{bu.format_value(base['pq_eval_s'])} vs {bu.format_value(last['pq_eval_s'])}",
-                "s",
-                f"{base['pq_eval_calls']} evaluate() calls, from log timestamps (1 s resolution)",
-            ),
-            bu.headline("cells equal across process counts", cells_equal, "", ""),
-        ],
+        "headline": _headlines(rows, images, passes, cells_equal),
     }
 
 

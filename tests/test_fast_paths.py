@@ -215,7 +215,7 @@ def test_padded_batch_hook_keeps_sizes_and_eps_balls(model):
     for x, out in zip(inputs, outputs):
         clean, adv, _ = seen[x["image_id"]]
         assert adv.shape == x["image"].shape
-        assert out["panoptic_seg"][0].shape == x["image"].shape[-2:]
+        assert out["none"]["panoptic_seg"][0].shape == x["image"].shape[-2:]
         delta = (adv - clean).abs()
         assert delta.max() <= 2.0 + 1e-4 and delta.mean() > 0.5
 
@@ -301,6 +301,7 @@ def test_panoptic_only_inference_gives_the_same_panoptic_result(model, val_input
     _, lean, _ = _run_hook(model, val_inputs, panoptic_only=True, **common)
     things = 0
     for f, l in zip(full, lean):
+        f, l = f["none"], l["none"]  # the hook's output: {defense: output}
         assert "instances" in f and set(l) == {"panoptic_seg"}
         things += sum(s["isthing"] for s in f["panoptic_seg"][1])
         assert torch.equal(f["panoptic_seg"][0], l["panoptic_seg"][0])

@@ -15,9 +15,8 @@ import argparse
 import os
 import sys
 
-import torch
-
 from upsnet_robust.modeling.convert import convert_upsnet_state_dict, load_upsnet_checkpoint
+from upsnet_robust.utils.torch_io import atomic_torch_save
 
 
 def main(argv=None) -> int:
@@ -30,10 +29,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {args.source}: {e}", file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(os.path.abspath(args.target)), exist_ok=True)
-    tmp = args.target + ".tmp"
-    torch.save({"model": converted}, tmp)
-    os.replace(tmp, args.target)
+    atomic_torch_save(args.target, {"model": converted})
     num_things = converted["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
     num_sem = converted["sem_seg_head.score.weight"].shape[0]
     agnostic = converted["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 4

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from upsnet_robust.utils.torch_io import atomic_torch_save
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -19,10 +21,7 @@ def main():
     model = state.get("model", state)
     if not isinstance(model, dict) or not all(torch.is_tensor(v) for v in model.values()):
         raise SystemExit(f"{args.source}: expected a state dict of tensors under 'model'")
-    os.makedirs(os.path.dirname(os.path.abspath(args.target)), exist_ok=True)
-    tmp = args.target + ".tmp"
-    torch.save({"model": model}, tmp)
-    os.replace(tmp, args.target)
+    atomic_torch_save(args.target, {"model": model})
     print(f"wrote {args.target} ({os.path.getsize(args.target) / 2**20:.1f} MiB, {len(model)} tensors)")
 
 

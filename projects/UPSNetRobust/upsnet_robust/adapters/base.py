@@ -27,6 +27,8 @@ from torch import nn
 from detectron2.utils.events import EventStorage
 from detectron2.utils.registry import Registry
 
+from ..utils.registry import register_as
+
 __all__ = [
     "ADAPTER_REGISTRY",
     "AdapterInference",
@@ -252,7 +254,7 @@ def register_adapter(*meta_architectures: str):
         if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
             raise TypeError(f"{cls!r} is not a ModelAdapter subclass")
         for name in meta_architectures:
-            ADAPTER_REGISTRY._do_register(name, cls)
+            register_as(ADAPTER_REGISTRY, name, cls)
         return cls
 
     return deco

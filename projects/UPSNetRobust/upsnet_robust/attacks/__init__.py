@@ -1,6 +1,9 @@
 # Copyright (c) UPSNetRobust authors.
 """Adversarial attack algorithms (model-agnostic) and their registry.
 
+Add an attack with :func:`register_attack` on an :class:`Attack` subclass, an objective with
+:func:`register_objective`.
+
 An attack maximises ``objective(x)`` (a scalar or one value per image) over float images on the
 0-255 scale within an L-inf ball; see :class:`Attack`.
 """
@@ -12,7 +15,13 @@ from .dense import DenseAttack
 from .fgsm import FGSM
 from .iterative import BIM, IFGSM, ILLC, PGD, kurakin_num_steps
 from .momentum import MIFGSM
-from .registry import ATTACK_REGISTRY, UnknownAttackError, build_attack
+from .registry import (
+    ATTACK_REGISTRY,
+    UnknownAttackError,
+    attack_class,
+    build_attack,
+    register_attack,
+)
 from .segpgd import SegPGD, segpgd_lambda, segpgd_loss
 from . import objectives
 from .objectives import *  # noqa: F401,F403  (objectives, OBJECTIVE_REGISTRY, build_objective)
@@ -36,7 +45,9 @@ __all__ = [
     "SegPGD",
     "UnknownAttackError",
     "apgd_checkpoints",
+    "attack_class",
     "build_attack",
+    "register_attack",
     "cospgd_loss",
     "kurakin_num_steps",
     "objective_gradient",

@@ -234,6 +234,12 @@ class Attack:
         self.num_forward_backward = 0
         self.num_forward = 0
 
+    @classmethod
+    def from_config(cls, cfg, eps) -> dict:
+        """Constructor arguments from ``cfg.ROBUSTNESS`` (used by ``build_attack``). This
+        default passes ``eps`` only; attacks with steps, restarts or seeds read their keys."""
+        return {"eps": eps}
+
     # ----------------------------------------------------------------------------------------
     def perturb(self, images: torch.Tensor, objective) -> torch.Tensor:
         """

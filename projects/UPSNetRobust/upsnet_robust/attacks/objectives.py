@@ -34,6 +34,7 @@ from ..adapters.base import (
     as_adapter,
     frozen_norm_training_mode,
 )
+from ..utils.registry import register_as
 
 __all__ = [
     "OBJECTIVE_REGISTRY",
@@ -78,7 +79,7 @@ def register_objective(name: str):
 
     def deco(cls):
         cls.registered_name = name
-        OBJECTIVE_REGISTRY._do_register(name, cls)
+        register_as(OBJECTIVE_REGISTRY, name, cls)
         return cls
 
     return deco

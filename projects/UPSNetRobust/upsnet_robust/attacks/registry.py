@@ -4,6 +4,7 @@
 from detectron2.utils.registry import Registry
 
 from .apgd import APGD
+from ..utils.registry import register_as
 from .base import Attack
 from .cospgd import CosPGD
 from .fgsm import FGSM
@@ -11,23 +12,43 @@ from .iterative import BIM, IFGSM, ILLC, PGD
 from .momentum import MIFGSM
 from .segpgd import SegPGD
 
-__all__ = ["ATTACK_REGISTRY", "UnknownAttackError", "build_attack"]
+__all__ = [
+    "ATTACK_REGISTRY",
+    "UnknownAttackError",
+    "attack_class",
+    "build_attack",
+    "register_attack",
+]
 
 ATTACK_REGISTRY = Registry("ATTACK")
 ATTACK_REGISTRY.__doc__ = """
-Registry for attack algorithms (classes deriving from :class:`Attack`).
-
-The registered object is called as ``cls(**cls.from_config(cfg, eps))`` and must provide
-``perturb(images, objective) -> adv_images`` and ``describe() -> dict``. The built-in attacks
-are registered under lowercase names ("fgsm", "ifgsm", "bim", "pgd", "mifgsm", "segpgd",
-"cospgd", "illc", "apgd"), the names used in ``cfg.ROBUSTNESS.ATTACKS``.
-``ATTACK_REGISTRY.register()`` registers a user class under its class name.
+Registry for attack algorithms: classes deriving from :class:`Attack`, built as
+``cls(**cls.from_config(cfg, eps))``; they provide ``perturb(images, objective) -> adv_images``
+and ``describe() -> dict``. Registered with :func:`register_attack` under the lowercase names of
+``cfg.ROBUSTNESS.ATTACKS`` ("fgsm", "ifgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd",
+"illc", "apgd", ...).
 """
 
-# fvcore's public register() always uses ``obj.__name__``; the config names are lowercase, so
-# the built-ins are registered under their ``name`` attribute.
+
+def register_attack(name: str):
+    """Class decorator: register an :class:`Attack` subclass under its ``ROBUSTNESS.ATTACKS``
+    name (lower case); sets ``cls.name``. The class is built by :func:`build_attack` as
+    ``cls(**cls.from_config(cfg, eps))`` (:meth:`Attack.from_config` passes ``eps`` only)."""
+    if not isinstance(name, str) or not name or name != name.strip().lower():
+        raise ValueError(f"Invalid attack name {name!r}: a lower-case config name, e.g. 'pgd'")
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Attack)):
+            raise TypeError(f"{cls!r} is not an Attack subclass")
+        cls.name = name
+        register_as(ATTACK_REGISTRY, name, cls)
+        return cls
+
+    return deco
+
+
 for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD):
-    ATTACK_REGISTRY._do_register(_cls.name, _cls)
+    register_attack(_cls.name)(_cls)
 del _cls
 
 
@@ -38,8 +59,17 @@ class UnknownAttackError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def _registered_names():
-    return sorted(name for name, _ in ATTACK_REGISTRY)
+def attack_class(name: str) -> type:
+    """The registered attack class ``name`` (case-insensitive for lower-case names).
+
+    Raises:
+        UnknownAttackError: (a KeyError and a ValueError) listing the registered names.
+    """
+    key = name if name in ATTACK_REGISTRY else str(name).strip().lower()
+    if key not in ATTACK_REGISTRY:
+        registered = ", ".join(sorted(k for k, _ in ATTACK_REGISTRY))
+        raise UnknownAttackError(f"Unknown attack {name!r}; registered attacks: {registered}")
+    return ATTACK_REGISTRY.get(key)
 
 
 def build_attack(cfg, name: str, eps) -> Attack:
@@ -61,10 +91,5 @@ def build_attack(cfg, name: str, eps) -> Attack:
     Raises:
         UnknownAttackError: (a KeyError and a ValueError) listing the registered names.
     """
-    key = name if name in ATTACK_REGISTRY else str(name).strip().lower()
-    if key not in ATTACK_REGISTRY:
-        raise UnknownAttackError(
-            f"Unknown attack {name!r}; registered attacks: {', '.join(_registered_names())}"
-        )
-    cls = ATTACK_REGISTRY.get(key)
+    cls = attack_class(name)
     return cls(**cls.from_config(cfg, eps))

@@ -3,7 +3,8 @@
 
 Each defense is a pure image function (:mod:`.functional`, :mod:`.tvm`) plus a thin detectron2
 ``Transform`` adapter (:mod:`.transforms`) registered in :data:`DEFENSE_REGISTRY` under a short
-name. Build them with :func:`build_defense` ("nlmeans", "median+nlmeans", "none") or
+name with :func:`register_defense`, which also declares its config node and its default BPDA
+surrogate (:mod:`.surrogates`, registered with :func:`register_surrogate`). Build them with :func:`build_defense` ("nlmeans", "median+nlmeans", "none") or
 :func:`build_defense_from_cfg` (``cfg.DEFENSE.<NAME>`` nodes, see :func:`add_defense_config`),
 and apply them to model-input tensors with :func:`apply_defense_to_tensor`.
 """
@@ -27,6 +28,7 @@ from .registry import (
     register_defense,
     registered_defense_names,
 )
+from .surrogates import SURROGATE_REGISTRY, register_surrogate
 from .tensor import apply_defense_to_tensor
 from .torch_nlmeans import nlmeans_torch
 
@@ -47,6 +49,8 @@ __all__ = [
     "nlmeans_torch",
     "DEFENSE_REGISTRY",
     "register_defense",
+    "SURROGATE_REGISTRY",
+    "register_surrogate",
     "registered_defense_names",
     "build_defense",
     "build_defense_from_cfg",

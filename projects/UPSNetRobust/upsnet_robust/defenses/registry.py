@@ -1,14 +1,20 @@
 # Copyright (c) UPSNetRobust authors.
-"""The defense registry and its builders (by name, or from ``cfg.DEFENSE.<NAME>`` nodes)."""
+"""The defense registry, its one registration decorator and its builders (by name, or from
+``cfg.DEFENSE.<NODE>`` nodes)."""
 
 import inspect
 import logging
+from collections.abc import Mapping
 
 from detectron2.data.transforms import NoOpTransform, TransformList
 from detectron2.utils.registry import Registry
 
+from ..utils.registry import register_as
+
 __all__ = [
+    "DEFAULT_SURROGATES",
     "DEFENSE_REGISTRY",
+    "defense_defaults",
     "register_defense",
     "registered_defense_names",
     "accepted_parameters",
@@ -25,9 +31,9 @@ Registry for test-time input-transformation defenses, i.e. classes of
 :class:`detectron2.data.transforms.Transform` that change pixel values only (no geometry).
 
 Registered names are short lower-case keys ("nlmeans", "jpeg", ...), used in
-``cfg.ROBUSTNESS.DEFENSES`` and as ``cfg.DEFENSE.<NAME.upper()>`` config nodes. The registered
-object is called with keyword parameters and must return a ``Transform``. Register new ones with
-:func:`register_defense`. "none" (no defense) and chains "a+b" are handled by
+``cfg.ROBUSTNESS.DEFENSES``. Register new ones with :func:`register_defense`, which also records
+the defense's config node (``cfg.DEFENSE.<NODE>``, its keyword parameters and their defaults)
+and its default BPDA surrogate. "none" (no defense) and chains "a+b" are handled by
 :func:`build_defense` and are not registry entries.
 """
 
@@ -35,23 +41,49 @@ NONE = "none"
 CHAIN_SEPARATOR = "+"
 
 
-def register_defense(name):
-    """Class decorator: register a defense ``Transform`` under the short ``name``.
+def register_defense(name, *, surrogate, config_node=None):
+    """Class decorator: register a defense ``Transform`` with everything the project needs of it.
 
-    fvcore's ``Registry.register`` always keys by ``__name__`` (the class name); defenses are
-    keyed by short config-friendly names instead, so this calls the registry's ``_do_register``,
-    which is what ``register`` does after picking the name (it keeps the duplicate-name check).
-    The name is also stored as the class attribute ``defense_name``.
+    Declared once, beside the class:
+
+    * ``name``: the key in ``ROBUSTNESS.DEFENSES`` (lower case, no "+", not "none");
+    * the defaults: the class's keyword parameters, which :func:`add_defense_config` turns into
+      the node ``cfg.DEFENSE.<config_node>`` (one upper-case key per parameter, e.g. ``h_color``
+      -> ``H_COLOR``), so every parameter needs a default;
+    * ``surrogate``: the registered BPDA surrogate adaptive attacks differentiate through by
+      default (:mod:`upsnet_robust.defenses.surrogates`; "identity" for a denoiser whose output
+      is close to its input).
+
+    They are stored as the class attributes ``defense_name``, ``config_node`` and
+    ``default_surrogate``.
 
     Args:
-        name (str): lower-case key, without "+"; "none" is reserved.
+        name (str): the defense's key.
+        surrogate (str): name of its default BPDA surrogate.
+        config_node (str, optional): the ``cfg.DEFENSE`` node; default ``name.upper()``.
     """
-    if name != name.lower() or CHAIN_SEPARATOR in name or name in ("", NONE):
-        raise ValueError(f"Invalid defense name '{name}': lower case, no '+', not 'none'.")
+    if not isinstance(name, str) or name != name.lower() or CHAIN_SEPARATOR in name:
+        raise ValueError(f"Invalid defense name {name!r}: lower case, no '+', not 'none'.")
+    if name in ("", NONE):
+        raise ValueError(f"Invalid defense name {name!r}: lower case, no '+', not 'none'.")
+    if not isinstance(surrogate, str) or not surrogate.strip():
+        raise ValueError(f"Defense '{name}': surrogate must be a surrogate name, not {surrogate!r}")
+    node = config_node or name.upper()
+    if node != node.upper():
+        raise ValueError(f"Defense '{name}': config node {node!r} must be upper case.")
 
     def deco(cls):
-        DEFENSE_REGISTRY._do_register(name, cls)
-        cls.defense_name = name
+        taken = {c.config_node: n for n, c in DEFENSE_REGISTRY}
+        if node in taken:
+            raise ValueError(f"Defense '{name}': cfg.DEFENSE.{node} belongs to '{taken[node]}'.")
+        missing = [k for k, v in _keyword_parameters(cls).items() if v is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(
+                f"Defense '{name}' ({cls.__name__}): parameters {missing} need defaults, which "
+                f"become the keys of cfg.DEFENSE.{node}."
+            )
+        cls.defense_name, cls.config_node, cls.default_surrogate = name, node, surrogate
+        register_as(DEFENSE_REGISTRY, name, cls)
         return cls
 
     return deco
@@ -60,6 +92,28 @@ def register_defense(name):
 def registered_defense_names():
     """Sorted names in :data:`DEFENSE_REGISTRY` (without "none")."""
     return sorted(name for name, _ in DEFENSE_REGISTRY)
+
+
+class _DefaultSurrogates(Mapping):
+    """Read-only ``{defense name: default BPDA surrogate}``, as declared by
+    :func:`register_defense` (a live view of the registry)."""
+
+    def __getitem__(self, name):
+        if name not in DEFENSE_REGISTRY:
+            raise KeyError(name)
+        return DEFENSE_REGISTRY.get(name).default_surrogate
+
+    def __iter__(self):
+        return iter(registered_defense_names())
+
+    def __len__(self):
+        return len(registered_defense_names())
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+DEFAULT_SURROGATES = _DefaultSurrogates()
 
 
 def parse_defense_name(name):
@@ -79,15 +133,25 @@ def parse_defense_name(name):
     return parts
 
 
-def accepted_parameters(name):
-    """Keyword parameters (with defaults) of the registered defense ``name``."""
-    factory = _lookup(name)
+def _keyword_parameters(factory):
     sig = inspect.signature(factory)
     return {
         k: p.default
         for k, p in sig.parameters.items()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+
+
+def accepted_parameters(name):
+    """Keyword parameters (with defaults) of the registered defense ``name``."""
+    return _keyword_parameters(_lookup(name))
+
+
+def defense_defaults(name):
+    """``{config node: {KEY: default}}`` of the registered defense ``name`` (what
+    :func:`add_defense_config` adds to ``cfg.DEFENSE``)."""
+    cls = _lookup(name)
+    return {cls.config_node: {k.upper(): v for k, v in accepted_parameters(name).items()}}
 
 
 def _lookup(name):
@@ -148,12 +212,11 @@ def build_defense(name, **params):
 
 
 def _cfg_params(cfg, name):
-    """Keyword parameters of defense ``name`` from ``cfg.DEFENSE.<NAME>`` (keys lower-cased)."""
-    node = None
-    if "DEFENSE" in cfg:
-        node = cfg.DEFENSE.get(name.upper())
+    """Keyword parameters of defense ``name`` from its ``cfg.DEFENSE`` node (keys lower-cased)."""
+    node_name = _lookup(name).config_node
+    node = cfg.DEFENSE.get(node_name) if "DEFENSE" in cfg else None
     if node is None:
-        logger.warning(f"cfg.DEFENSE.{name.upper()} not found; defense '{name}' uses its defaults.")
+        logger.warning(f"cfg.DEFENSE.{node_name} not found; defense '{name}' uses its defaults.")
         return {}
     return {key.lower(): value for key, value in node.items()}
 
@@ -181,5 +244,5 @@ def build_defense_from_cfg(cfg, name):
         try:
             tfms.append(_build_single(part, _cfg_params(cfg, part)))
         except TypeError as e:
-            raise TypeError(f"cfg.DEFENSE.{part.upper()}: {e}") from e
+            raise TypeError(f"cfg.DEFENSE.{_lookup(part).config_node}: {e}") from e
     return tfms[0] if len(tfms) == 1 else TransformList(tfms)

@@ -1,6 +1,9 @@
 # Copyright (c) UPSNetRobust authors.
 """detectron2 ``Transform`` adapters of the defenses, registered in :data:`DEFENSE_REGISTRY`.
 
+Each class is a whole defense: ``@register_defense`` beside it declares its name and default
+BPDA surrogate, and its keyword parameters' defaults are its ``cfg.DEFENSE.<NODE>`` keys.
+
 Each adapter is a thin wrapper of a pure function in :mod:`.functional` or :mod:`.tvm`, so the
 same defense can run in a ``DatasetMapper`` (``augmentations=[...]``, on stored or transferred
 adversarial images) or inside a model wrapper on float tensors via
@@ -39,7 +42,10 @@ class DefenseTransform(Transform):
     in ``INPUT.FORMAT`` channel order and return the same shape and dtype.
     """
 
-    defense_name = None  # set by @register_defense
+    # set by @register_defense: registry key, cfg.DEFENSE node, default BPDA surrogate
+    defense_name = None
+    config_node = None
+    default_surrogate = None
 
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         """Coordinates are unchanged (no geometry)."""
@@ -54,7 +60,9 @@ class DefenseTransform(Transform):
         return NoOpTransform()
 
 
-@register_defense("nlmeans")
+# BPDA identity: OpenCV's uint8 filter has no autograd and g(x) ~ x on clean images, the case
+# Athalye et al. name; "nlmeans_exact" (the torch port's own gradient) is the opt-in.
+@register_defense("nlmeans", surrogate="identity")
 class NLMeansTransform(DefenseTransform):
     """OpenCV colored NL-means (:func:`.functional.nlmeans_denoise`); defaults are the
     reference study's ``(h, hColor, template, search) = (10, 10, 7, 21)``.
@@ -107,7 +115,7 @@ def _nlmeans_with_torch(img: np.ndarray, h, h_color, template_window, search_win
     return out.permute(1, 2, 0).numpy().astype(img.dtype, copy=False)
 
 
-@register_defense("jpeg")
+@register_defense("jpeg", surrogate="jpeg")  # a differentiable JPEG codec
 class JPEGTransform(DefenseTransform):
     """JPEG re-encoding (:func:`.functional.jpeg_compress`); quality 75 as in Guo et al.,
     OpenCV codec by default."""
@@ -129,7 +137,7 @@ class JPEGTransform(DefenseTransform):
         return F.jpeg_compress(img, self.quality, self.backend)
 
 
-@register_defense("bitdepth")
+@register_defense("bitdepth", surrogate="straight_through")  # the quantiser, STE rounding
 class BitDepthTransform(DefenseTransform):
     """Bit-depth reduction (:func:`.functional.reduce_bit_depth`); 3 bits as in Guo et al.
     (Xu et al. use 5 on ImageNet)."""
@@ -148,7 +156,7 @@ class BitDepthTransform(DefenseTransform):
         return F.reduce_bit_depth(img, self.bits)
 
 
-@register_defense("median")
+@register_defense("median", surrogate="soft_median")  # gradient spread near the median
 class MedianFilterTransform(DefenseTransform):
     """Median filter (:func:`.functional.median_blur`); odd windows via OpenCV, even ones
     (Xu et al.'s 2x2) via scipy."""
@@ -167,7 +175,7 @@ class MedianFilterTransform(DefenseTransform):
         return F.median_blur(img, self.window)
 
 
-@register_defense("gaussian")
+@register_defense("gaussian", surrogate="gaussian")  # the blur in torch: exact gradient
 class GaussianBlurTransform(DefenseTransform):
     """Gaussian blur (:func:`.functional.gaussian_blur`), kernel radius ``truncate * sigma``."""
 
@@ -186,7 +194,8 @@ class GaussianBlurTransform(DefenseTransform):
         return F.gaussian_blur(img, self.sigma, self.truncate)
 
 
-@register_defense("tvm")
+# BPDA identity with EOT over the masks, as Athalye et al. broke TVM.
+@register_defense("tvm", surrogate="identity")
 class TVMTransform(DefenseTransform):
     """Guo et al.'s total-variation minimisation (:mod:`.tvm`): random pixel dropping, then a
     masked TV reconstruction.
@@ -243,7 +252,8 @@ class TVMTransform(DefenseTransform):
         return tv_reconstruct(img, mask, self.tv_weight, self.num_iters, self.isotropic)
 
 
-@register_defense("adaptive_nlmeans")
+# BPDA identity: a denoiser, exactly the identity on images below its noise threshold.
+@register_defense("adaptive_nlmeans", surrogate="identity")
 class AdaptiveNLMeansTransform(DefenseTransform):
     """NL-means with a per-image strength from the estimated noise level
     (:func:`.functional.adaptive_nlmeans_denoise`): ``h = h_color = clip(sigma_scale * sigma_est

@@ -20,9 +20,8 @@ from detectron2.utils import comm
 
 from ..adapters.base import AdapterInference, adapter_class, build_adapter
 from ..attacks import build_attack
-from ..evaluation import AdversarialInference, PanopticSemSegEvaluator
+from ..evaluation import AdversarialInference, MultiVariantEvaluator, PanopticSemSegEvaluator
 from ..evaluation.evaluators import build_task_evaluator
-from ..evaluation.sweep import amp_dtype
 from ..modeling import UPSNetCheckpointer
 
 __all__ = ["Trainer", "build_checkpointer"]
@@ -120,9 +119,11 @@ class Trainer(DefaultTrainer):
     def test_with_attack(cls, cfg, model, evaluators=None):
         """Score the model under each configured (attack, eps), undefended, with any evaluators.
 
-        Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``.
+        Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``. Images the
+        attack could not score (non-finite gradients) are skipped and logged.
         """
         results = {}
+        adapter = build_adapter(cfg, model)
         for dataset_name in cfg.DATASETS.TEST:
             data_loader = cls.build_test_loader(cfg, dataset_name)
             for attack_name in cfg.ROBUSTNESS.ATTACKS:
@@ -131,17 +132,14 @@ class Trainer(DefaultTrainer):
                     evaluator = evaluators or cls.build_evaluator(
                         cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
                     )
-                    wrapper = AdversarialInference(
-                        model,
-                        attack=build_attack(cfg, attack_name, eps),
-                        objective=cfg.ROBUSTNESS.OBJECTIVE,
-                        input_format=cfg.INPUT.FORMAT,
-                        quantize=cfg.ROBUSTNESS.QUANTIZE,
-                        seed=cfg.ROBUSTNESS.SEED,
-                        batch_size=cfg.ROBUSTNESS.BATCH_SIZE,
-                        amp_dtype=amp_dtype(cfg.ROBUSTNESS.AMP),
+                    attack = build_attack(cfg, attack_name, eps)
+                    wrapper = AdversarialInference(cfg, adapter, attack)
+                    scored = inference_on_dataset(
+                        wrapper, data_loader, MultiVariantEvaluator({"none": evaluator})
                     )
-                    res = inference_on_dataset(wrapper, data_loader, evaluator)
+                    res = scored.get("none", {})
+                    if scored.get("failures"):
+                        logger.warning("%s: %d image(s) not scored", tag, len(scored["failures"]))
                     if comm.is_main_process():
                         logger.info("Attacked (%s) results on %s:", tag, dataset_name)
                         print_csv_format(res)

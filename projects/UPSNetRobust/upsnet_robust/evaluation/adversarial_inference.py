@@ -4,16 +4,18 @@
 Used like detectron2's TTA wrappers, through ``inference_on_dataset``: per batch it makes the
 images float, runs the attack under ``torch.enable_grad()`` (inference runs under no_grad),
 optionally rounds to uint8, applies each configured defense to the SAME adversarial images, and
-runs inference once per defense. With one defense it returns ordinary outputs (any
-``DatasetEvaluator`` works); with several, per image a dict ``{defense_name: output}`` for
-:class:`MultiVariantEvaluator`. Per-image attack / defense seconds and failures are recorded.
+runs inference once per defense. It returns, per image, ``{defense name: output}`` (or
+``{FAILED_KEY: reason}`` for an image that could not be scored), whatever the number of
+defenses: score it with :class:`~.evaluators.MultiVariantEvaluator`, which routes each defense's
+outputs to its own evaluator and counts failures. Per-image attack / defense seconds and
+failures are recorded in :attr:`AdversarialInference.records`.
 
-With ``adaptive_defense`` set, the attack is defense-aware: its objective is wrapped in
-:class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks ``model o defense``
-(BPDA through the real defense, EOT over the masks of a randomised one) instead of the model.
+With an :class:`~.hook_settings.AdaptiveSettings`, the attack is defense-aware: its objective
+is wrapped in :class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks
+``model o defense`` (BPDA through the real defense, EOT over the masks of a randomised one)
+instead of the model.
 """
 import logging
-import os
 import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
@@ -22,20 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters.base import ModelAdapter, as_adapter
+from detectron2.config import configurable
+
+from ..adapters.base import as_adapter
 from ..attacks import NonFiniteGradientError
 from ..attacks.objectives import AutocastObjective, build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
 from ..defenses.bpda import DefenseAwareObjective
 from ..defenses.workers import DefenseWorkers
-from .outputs import compact_outputs, expand_outputs
+from .hook_settings import AdaptiveSettings, HookSettings
+from .image_cache import FAILED_KEY, ImageCache
 
 __all__ = ["AdversarialInference", "FAILED_KEY", "pad_stack"]
 
 logger = logging.getLogger(__name__)
-
-# Output key of an image that could not be scored; evaluators skip it, the report counts it.
-FAILED_KEY = "failed"
 
 # Mixed into an image's seed for its EOT mask stream (independent of the attack's own stream).
 _EOT_STREAM = 0x0E07
@@ -47,97 +49,106 @@ def _sync(device: torch.device):
 
 
 class AdversarialInference(nn.Module):
-    """Attack, then defend, then infer, per batch.
+    """Attack, then defend, then infer, per batch; outputs ``{defense: output}`` per image.
+
+    Build it from a config (``AdversarialInference(cfg, model, attack, defenses, ...)``, see
+    :meth:`from_config`) or from its arguments. Fields of :class:`HookSettings` may also be
+    given as keywords (``objective="semantic_ce", seed=3, panoptic_only=True``), a shorthand
+    for ``settings=HookSettings(...)``.
 
     Args:
-        model: a detectron2 model with a registered adapter (:mod:`upsnet_robust.adapters`).
+        model: a detectron2 model with a registered adapter (:mod:`upsnet_robust.adapters`),
+            or its :class:`~upsnet_robust.adapters.ModelAdapter` (built with
+            ``build_adapter(cfg, model)`` for models whose labels need the data set's
+            conventions).
         attack: an attack from :func:`upsnet_robust.attacks.build_attack`, or None (clean).
-        objective (str): objective name used when the attack does not require its own.
-        defenses: ordered mapping name -> detectron2 Transform or None (undefended).
-        input_format (str): channel order of ``image`` (cfg.INPUT.FORMAT).
-        quantize (bool): round adversarial images to uint8 before defense and model.
-        seed (int): sweep seed; each image's seed derives from it and its image_id.
-        cache_dir (str): where finished images are stored; present ones are not recomputed.
+        defenses: ordered mapping name -> detectron2 Transform or None (undefended); default
+            ``{"none": None}``.
+        settings (HookSettings): objective, input format, quantisation, seed, batch size,
+            mixed precision and the outputs read.
+        adaptive (AdaptiveSettings): attack through one of ``defenses`` (an adaptive pass);
+            None attacks the model alone (defense-unaware).
+        cache_dir (str): where finished images are stored (:class:`ImageCache`); present ones
+            are not recomputed.
         on_image (callable): called per freshly computed image with
-            ``(input, clean (3,H,W), adversarial (3,H,W), {defense: defended image}, outputs)``.
-        adaptive_defense (str): name of a defense in ``defenses`` to attack through (an
-            adaptive attack); None attacks the model alone (defense-unaware).
-        surrogate: BPDA surrogate choice for the adaptive attack
-            (:func:`upsnet_robust.defenses.surrogates.resolve_surrogates`; "auto" = defaults).
-        eot_samples (int): EOT samples for a randomised adaptive defense (None/<= 0: default).
-        batch_size (int): images attacked together (one model run per attack step for all of
-            them, per-image eps-balls on a zero-padded batch); adaptive passes use 1.
+            ``(input, clean (3,H,W), adversarial (3,H,W), {defense: defended image},
+            {defense: output})``.
         defense_workers (DefenseWorkers): processes for CPU defenses, overlapping inference.
-        amp_dtype (torch.dtype): run the attack's forward/backward under ``torch.autocast``
-            with this dtype (mixed precision); None: full precision. Inference stays in float32.
-        panoptic_only (bool): shorthand for ``output_keys=("panoptic_seg",)``.
-        adapter (ModelAdapter): the model's adapter (default: looked up by meta-architecture,
-            without data set metadata; pass one built with ``build_adapter(cfg, model)`` for
-            models whose labels need the data set's conventions).
-        output_keys: the model outputs the evaluators read (e.g. ``("panoptic_seg",)``); the
-            adapter may skip the others, and the cache keeps only these. None: all outputs
-            (cached: the adapter task's output).
     """
 
+    @configurable
     def __init__(
         self,
         model: nn.Module,
         attack=None,
-        objective: str = "train_losses",
         defenses: Optional[Dict] = None,
-        input_format: str = "BGR",
-        quantize: bool = False,
-        seed: int = 0,
+        *,
+        settings: Optional[HookSettings] = None,
+        adaptive: Optional[AdaptiveSettings] = None,
         cache_dir: Optional[str] = None,
         on_image: Optional[Callable] = None,
-        adaptive_defense: Optional[str] = None,
-        surrogate="auto",
-        eot_samples: Optional[int] = None,
-        batch_size: int = 1,
         defense_workers: Optional[DefenseWorkers] = None,
-        amp_dtype: Optional[torch.dtype] = None,
-        panoptic_only: bool = False,
-        adapter: Optional[ModelAdapter] = None,
-        output_keys=None,
+        **setting_fields,
     ):
         super().__init__()
-        self.adapter = adapter if adapter is not None else as_adapter(model)
-        if panoptic_only:
-            output_keys = ("panoptic_seg",)
-        if output_keys is None and cache_dir:
-            output_keys = (self.adapter.task,)
-        self.output_keys = frozenset(output_keys) if output_keys is not None else None
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self.defense_workers = defense_workers
-        self.amp_dtype = amp_dtype
-        self.model = model
+        self.adapter = as_adapter(model)
+        self.model = self.adapter.model
         self.attack = attack
-        self.objective = objective
+        self.settings = (settings or HookSettings()).replace(**setting_fields)
         self.defenses = OrderedDict(defenses if defenses is not None else {"none": None})
-        self.input_format = input_format
-        self.quantize = quantize
-        self.seed = seed
-        self.cache_dir = cache_dir
-        self.on_image = on_image
-        self.adaptive_defense = adaptive_defense
-        self.surrogate = surrogate
-        self.eot_samples = eot_samples
-        if adaptive_defense is not None:
-            if self.defenses.get(adaptive_defense) is None:
+        if FAILED_KEY in self.defenses:
+            raise ValueError(f"{FAILED_KEY!r} is reserved for failed images, not a defense name")
+        self.adaptive = adaptive
+        if adaptive is not None:
+            if self.defenses.get(adaptive.defense) is None:
                 raise ValueError(
-                    f"adaptive_defense {adaptive_defense!r} must name a defense (not 'none') of "
+                    f"adaptive defense {adaptive.defense!r} must name a defense (not 'none') of "
                     f"{list(self.defenses)}"
                 )
             if attack is None:
                 raise ValueError("An adaptive pass needs an attack.")
+        keys = self.settings.output_keys
+        if keys is None and cache_dir:
+            keys = (self.adapter.task,)
+        self.output_keys = frozenset(keys) if keys is not None else None
+        self.cache = ImageCache(cache_dir, self.output_keys) if cache_dir else None
+        self.on_image = on_image
+        self.defense_workers = defense_workers
         self.records: List[Dict] = []
-        if cache_dir:
-            os.makedirs(cache_dir, exist_ok=True)
         # The model's mode, not nn.Module's default (training): inference_on_dataset puts the
         # wrapper back in its mode afterwards, and with it the model.
-        self.train(model.training)
+        self.train(self.model.training)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg,
+        model,
+        attack=None,
+        defenses=None,
+        *,
+        adaptive_defense: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        on_image: Optional[Callable] = None,
+        defense_workers: Optional[DefenseWorkers] = None,
+        output_keys=None,
+    ):
+        """Settings from ``cfg.ROBUSTNESS`` and ``cfg.INPUT.FORMAT``
+        (:meth:`HookSettings.from_config`); ``adaptive_defense`` names the defense of an
+        adaptive pass (BPDA_SURROGATE, EOT_SAMPLES)."""
+        adaptive = None
+        if adaptive_defense is not None:
+            adaptive = AdaptiveSettings.from_config(cfg, adaptive_defense)
+        return {
+            "model": model,
+            "attack": attack,
+            "defenses": defenses,
+            "settings": HookSettings.from_config(cfg, output_keys),
+            "adaptive": adaptive,
+            "cache_dir": cache_dir,
+            "on_image": on_image,
+            "defense_workers": defense_workers,
+        }
 
     @property
     def _device(self) -> torch.device:
@@ -148,49 +159,17 @@ class AdversarialInference(nn.Module):
         # (an adaptive pass: one at a time). Per-image seeds, eps-balls and objective values make
         # an image's result independent of its batch up to float summation order, so 1- and
         # N-process runs agree; a failing image is isolated by redoing its batch image by image.
-        entries = [self._load_cached(x) for x in batched_inputs]
+        entries = [self.cache.load(x) if self.cache else None for x in batched_inputs]
         todo = [i for i, e in enumerate(entries) if e is None]
-        size = 1 if self.adaptive_defense is not None else self.batch_size
+        size = 1 if self.adaptive is not None else self.settings.batch_size
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             for i, entry in zip(chunk, self._compute_batch([batched_inputs[i] for i in chunk])):
-                self._store(batched_inputs[i], entry)
+                if self.cache:
+                    self.cache.store(batched_inputs[i], entry)
                 entries[i] = entry
         self.records.extend(e["record"] for e in entries)
-        outputs = [e["outputs"] for e in entries]
-        if len(self.defenses) == 1:
-            only = next(iter(self.defenses))
-            outputs = [o if FAILED_KEY in o else o[only] for o in outputs]
-        return outputs
-
-    # ------------------------------------------------------------------ cache
-    def _cache_path(self, x: Dict) -> Optional[str]:
-        if not self.cache_dir:
-            return None
-        key = str(x.get("image_id", os.path.basename(x.get("file_name", ""))))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        return os.path.join(self.cache_dir, f"{safe}.pt")
-
-    def _load_cached(self, x: Dict) -> Optional[Dict]:
-        path = self._cache_path(x)
-        if path and os.path.isfile(path):
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            outputs = entry["outputs"]
-            if FAILED_KEY not in outputs:
-                entry["outputs"] = {d: expand_outputs(o) for d, o in outputs.items()}
-            return entry
-        return None
-
-    def _store(self, x: Dict, entry: Dict) -> None:
-        path = self._cache_path(x)
-        if path:
-            # only what the evaluators read, in a form torch.load(weights_only=True) reads back
-            outputs = entry["outputs"]
-            if FAILED_KEY not in outputs:
-                outputs = {d: compact_outputs(o, self.output_keys) for d, o in outputs.items()}
-            tmp = path + ".tmp"
-            torch.save(dict(entry, outputs=outputs), tmp)
-            os.replace(tmp, path)
+        return [e["outputs"] for e in entries]
 
     # ------------------------------------------------------------------ one batch
     def _new_record(self, x: Dict) -> Dict:
@@ -201,7 +180,7 @@ class AdversarialInference(nn.Module):
             "defense_s": {name: 0.0 for name in self.defenses},
             "failure": None,
         }
-        if self.adaptive_defense is not None:
+        if self.adaptive is not None:
             # seconds of real defense forwards inside the attack (part of attack_s), and count
             record["attack_defense_s"] = 0.0
             record["attack_defense_calls"] = 0
@@ -238,35 +217,42 @@ class AdversarialInference(nn.Module):
                 records[j]["attack_s"] = seconds / len(vx)  # the batch's time, shared evenly
                 records[j]["attack_batch_size"] = len(vx)
                 records[j].update(stats)
-        if self.quantize:
+        if self.settings.quantize:
             advs = [a.round().clamp(0, 255) for a in advs]
         outputs, defended = self._defend_and_infer(vx, advs, [records[j] for j in valid])
         for k, j in enumerate(valid):
             if self.on_image is not None:
-                self.on_image(vx[k], vx[k]["image"].to(device).float(), advs[k], defended[k], outputs[k])
+                clean = vx[k]["image"].to(device).float()
+                self.on_image(vx[k], clean, advs[k], defended[k], outputs[k])
             entries[j] = {"outputs": outputs[k], "record": records[j]}
         return entries
+
+    def _objective(self, xs: List[Dict]):
+        """The batch's objective: adaptive (through the defense) and mixed precision if set."""
+        s = self.settings
+        name = getattr(self.attack, "required_objective", None) or s.objective
+        objective = build_objective(name, self.adapter, xs, seed=s.seed, batched=len(xs) > 1)
+        if self.adaptive is not None:  # one image at a time (see forward)
+            objective = DefenseAwareObjective(
+                objective,
+                self.defenses[self.adaptive.defense],
+                input_format=s.input_format,
+                surrogate=self.adaptive.surrogate,
+                eot_samples=self.adaptive.eot_samples,
+                generator=np.random.default_rng(
+                    [image_seed(s.seed, xs[0].get("image_id")), _EOT_STREAM]
+                ),
+            )
+        if s.amp_dtype is not None:
+            objective = AutocastObjective(objective, self._device.type, s.amp_dtype)
+        return objective
 
     def _attack(self, xs: List[Dict], images: List[torch.Tensor]):
         """Attack a batch; returns per-image adversarial images, the batch's seconds and
         adaptive-attack statistics."""
-        name = getattr(self.attack, "required_objective", None) or self.objective
-        objective = build_objective(name, self.adapter, xs, seed=self.seed, batched=len(xs) > 1)
-        if self.adaptive_defense is not None:  # one image at a time (see forward)
-            objective = DefenseAwareObjective(
-                objective,
-                self.defenses[self.adaptive_defense],
-                input_format=self.input_format,
-                surrogate=self.surrogate,
-                eot_samples=self.eot_samples,
-                generator=np.random.default_rng(
-                    [image_seed(self.seed, xs[0].get("image_id")), _EOT_STREAM]
-                ),
-            )
-        if self.amp_dtype is not None:
-            objective = AutocastObjective(objective, self._device.type, self.amp_dtype)
+        objective = self._objective(xs)
         if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
-            self.attack.manual_seed([image_seed(self.seed, x.get("image_id")) for x in xs])
+            self.attack.manual_seed([image_seed(self.settings.seed, x.get("image_id")) for x in xs])
         batch = pad_stack(images)
         device = self._device
         _sync(device)
@@ -276,53 +262,58 @@ class AdversarialInference(nn.Module):
         _sync(device)
         seconds = time.perf_counter() - start
         stats = {}
-        if self.adaptive_defense is not None:
+        if self.adaptive is not None:
             stats = {
                 "attack_defense_s": objective.stats["defense_s"],
                 "attack_defense_calls": objective.stats["defense_calls"],
             }
-        return [adv[j, :, : im.shape[-2], : im.shape[-1]] for j, im in enumerate(images)], seconds, stats
+        advs = [adv[j, :, : im.shape[-2], : im.shape[-1]] for j, im in enumerate(images)]
+        return advs, seconds, stats
+
+    def _defended_images(self, name, transform, advs, records, futures):
+        """One defense's images of the batch (from worker futures or in process), timed."""
+        device = self._device
+        if transform is None:
+            return advs
+        images = []
+        if name in futures:
+            for record, future in zip(records, futures[name]):
+                image, seconds = future.result()
+                images.append(image.to(device))
+                record["defense_s"][name] = seconds
+            return images
+        fmt = self.settings.input_format
+        for record, a in zip(records, advs):
+            _sync(device)
+            start = time.perf_counter()
+            images.append(apply_defense_to_tensor(transform, a[None], fmt)[0])
+            _sync(device)
+            record["defense_s"][name] = time.perf_counter() - start
+        return images
 
     def _defend_and_infer(self, xs: List[Dict], advs: List[torch.Tensor], records: List[Dict]):
         """Every defense on the same adversarial images, then one batched inference per
         defense. With worker processes, all CPU defense jobs start first, so they run while
         the model infers the variants already available."""
-        device = self._device
         futures = {}
         if self.defense_workers is not None:
             for name, transform in self.defenses.items():
                 if self.defense_workers.accepts(transform):
                     futures[name] = [
-                        self.defense_workers.submit(transform, a, self.input_format) for a in advs
+                        self.defense_workers.submit(transform, a, self.settings.input_format)
+                        for a in advs
                     ]
         outputs = [{} for _ in xs]
         defended = [{} for _ in xs]
         for name, transform in self.defenses.items():
-            if transform is None:
-                images = advs
-            elif name in futures:
-                images = []
-                for record, future in zip(records, futures[name]):
-                    image, seconds = future.result()
-                    images.append(image.to(device))
-                    record["defense_s"][name] = seconds
-            else:
-                images = []
-                for record, a in zip(records, advs):
-                    _sync(device)
-                    start = time.perf_counter()
-                    images.append(apply_defense_to_tensor(transform, a[None], self.input_format)[0])
-                    _sync(device)
-                    record["defense_s"][name] = time.perf_counter() - start
+            images = self._defended_images(name, transform, advs, records, futures)
             with torch.no_grad():
                 outs = self._infer([dict(x, image=image) for x, image in zip(xs, images)])
             for k, out in enumerate(outs):
                 defended[k][name] = images[k]
-                if self.cache_dir:  # fresh and cached results take the same (compact) form
-                    out = expand_outputs(compact_outputs(out, self.output_keys))
-                outputs[k][name] = out
+                # fresh and cached results take the same (compact) form
+                outputs[k][name] = self.cache.normalize(out) if self.cache else out
         return outputs, defended
-
 
     def _infer(self, inputs: List[Dict]) -> List[Dict]:
         outputs = self.adapter.inference(inputs, keys=self.output_keys)

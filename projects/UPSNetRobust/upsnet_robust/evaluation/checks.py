@@ -5,7 +5,7 @@ from typing import Iterable, List
 
 from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
-from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError
+from ..attacks.registry import ATTACK_REGISTRY, attack_class
 from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
 
 __all__ = [
@@ -16,20 +16,10 @@ __all__ = [
 ]
 
 
-def _attack_class(name: str):
-    key = name if name in ATTACK_REGISTRY else str(name).strip().lower()
-    if key not in ATTACK_REGISTRY:
-        raise UnknownAttackError(
-            f"Unknown attack {name!r}; registered attacks: "
-            f"{', '.join(sorted(k for k, _ in ATTACK_REGISTRY))}"
-        )
-    return ATTACK_REGISTRY.get(key)
-
-
 def objective_for(attack_name: str, objective: str) -> str:
     """The objective an attack runs with: its required one (ILLC: least_likely), else
     ``objective`` (ROBUSTNESS.OBJECTIVE)."""
-    return getattr(_attack_class(attack_name), "required_objective", None) or objective
+    return getattr(attack_class(attack_name), "required_objective", None) or objective
 
 
 def _dense_objectives(adapter: ModelAdapter) -> List[str]:
@@ -76,7 +66,7 @@ def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: s
             to use instead.
         UnknownAttackError / KeyError: unknown attack or objective names.
     """
-    cls = _attack_class(attack_name)
+    cls = attack_class(attack_name)
     name = objective_for(attack_name, objective)
     obj_cls = objective_class(name)
     arch = adapter.meta_architecture

@@ -21,7 +21,7 @@ from detectron2.evaluation import (
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
-from .adversarial_inference import FAILED_KEY
+from .image_cache import FAILED_KEY
 
 __all__ = [
     "MultiVariantEvaluator",
@@ -150,9 +150,12 @@ class PanopticSemSegEvaluator(LabelSemSegEvaluator):
 
 
 class MultiVariantEvaluator(DatasetEvaluator):
-    """Routes ``{variant: output}`` per image to one evaluator per variant (e.g. per defense),
-    so one adversarial batch is scored under every defense. Failed images are counted, not
-    scored."""
+    """Routes ``{variant: output}`` per image (the attack hook's output) to one evaluator per
+    variant (e.g. per defense), so one adversarial batch is scored under every defense. Images
+    whose output is ``{FAILED_KEY: reason}`` are counted, not scored.
+
+    ``evaluate()`` returns ``{variant: that evaluator's results, "failures": [{image_id,
+    reason}]}`` on the main process."""
 
     def __init__(self, evaluators: Dict[str, DatasetEvaluator]):
         self._evaluators = OrderedDict(evaluators)
@@ -164,9 +167,6 @@ class MultiVariantEvaluator(DatasetEvaluator):
             e.reset()
 
     def process(self, inputs, outputs):
-        if len(self._evaluators) == 1:  # AdversarialInference returns plain outputs then
-            only = next(iter(self._evaluators))
-            outputs = [o if FAILED_KEY in o else {only: o} for o in outputs]
         ok = [(i, o) for i, o in zip(inputs, outputs) if FAILED_KEY not in o]
         self._failed += [
             {"image_id": i.get("image_id"), "reason": o[FAILED_KEY]}

@@ -12,9 +12,10 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from ..adapters.base import AdapterInference, build_adapter
+from ..utils.image import tensor_to_hwc_uint8
 from .examples import save_example_grid
 from .report import format_table, write_report
-from .sweep import RobustnessSweep, tensor_to_hwc_uint8
+from .sweep import RobustnessSweep
 
 __all__ = ["run_robustness_sweep", "hardware_description"]
 

@@ -19,14 +19,7 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-import torch
-
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-)
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 
@@ -35,9 +28,11 @@ from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
 from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
+from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
+from .hook_settings import amp_dtype
 from .robust_mapper import RobustMapper
 
 __all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
@@ -93,13 +88,6 @@ def sweep_passes(cfg) -> List[Dict]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class RobustnessSweep:
@@ -240,32 +228,23 @@ class RobustnessSweep:
             logger.info("[%d/%d] %s: running", index + 1, len(passes), key)
             pass_cells = self._run_pass(spec, attack, pass_dir)
             if comm.is_main_process():
-                _atomic_json(done, pass_cells)
+                atomic_json(done, pass_cells)
             comm.synchronize()
             cells += pass_cells
         return cells
 
     def _run_pass(self, spec: Dict, attack, pass_dir: str) -> List[Dict]:
-        r = self.cfg.ROBUSTNESS
         adaptive = spec.get("adaptive")
         defense_names = [adaptive] if adaptive else self.defense_names
         wrapper = AdversarialInference(
-            self.model,
-            attack=attack,
-            objective=r.OBJECTIVE,
-            defenses=OrderedDict((d, self.defenses[d]) for d in defense_names),
-            input_format=self.cfg.INPUT.FORMAT,
-            quantize=r.QUANTIZE,
-            seed=r.SEED,
+            self.cfg,
+            self.adapter,
+            attack,
+            OrderedDict((d, self.defenses[d]) for d in defense_names),
+            adaptive_defense=adaptive,
             cache_dir=pass_dir,
             on_image=self._example_hook(spec),
-            adaptive_defense=adaptive,
-            surrogate=r.BPDA_SURROGATE,
-            eot_samples=r.EOT_SAMPLES,
-            batch_size=r.BATCH_SIZE,
             defense_workers=self._defense_workers,
-            amp_dtype=amp_dtype(r.AMP),
-            adapter=self.adapter,
             output_keys=(self.task,),  # what the evaluators (and the example grids) read
         )
         evaluator = MultiVariantEvaluator({d: self._evaluator() for d in defense_names})
@@ -334,26 +313,5 @@ class RobustnessSweep:
         return cells
 
 
-_AMP_DTYPES = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def amp_dtype(name: str) -> Optional[torch.dtype]:
-    """The autocast dtype named by ROBUSTNESS.AMP ("" -> None)."""
-    if name not in _AMP_DTYPES:
-        raise ValueError(
-            f"ROBUSTNESS.AMP must be one of {sorted(_AMP_DTYPES)} ('' = off), got {name!r}"
-        )
-    return _AMP_DTYPES[name]
-
-
 def _mean(values) -> float:
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def tensor_to_hwc_uint8(image: torch.Tensor):
-    """(3, H, W) float 0-255 -> (H, W, 3) uint8 numpy, same channel order."""
-    return image.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def dataset_metadata(cfg):
-    return MetadataCatalog.get(cfg.DATASETS.TEST[0])

@@ -28,11 +28,14 @@ from detectron2.utils import comm
 from ..adapters.base import build_adapter
 from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
+from ..utils.io import atomic_json
+from ..utils.torch_io import atomic_torch_save
 from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks, objective_for
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
+from .hook_settings import HookSettings
 from .robust_mapper import RobustMapper
-from .sweep import amp_dtype, fingerprint
+from .sweep import fingerprint
 
 __all__ = ["TransferModel", "TransferStudy", "image_key"]
 
@@ -144,15 +147,12 @@ class TransferStudy:
             logger.info("Crafting %s eps %g on %s: %d image(s)", spec["attack"], spec["eps"], source.name, len(todo))
 
             def save(x, clean, adv, defended, outputs):
-                path = os.path.join(folder, image_key(x) + ".pt")
-                torch.save(adv.detach().cpu(), path + ".tmp")
-                os.replace(path + ".tmp", path)
+                atomic_torch_save(os.path.join(folder, image_key(x) + ".pt"), adv.detach().cpu())
 
+            attack = build_attack(source.cfg, spec["attack"], spec["eps"])
             hook = AdversarialInference(
-                source.model, attack=build_attack(source.cfg, spec["attack"], spec["eps"]),
-                objective=r.OBJECTIVE, input_format=source.cfg.INPUT.FORMAT, quantize=r.QUANTIZE,
-                seed=r.SEED, on_image=save, batch_size=r.BATCH_SIZE, amp_dtype=amp_dtype(r.AMP),
-                adapter=source.adapter, output_keys=(source.adapter.task,),
+                source.cfg, source.adapter, attack, on_image=save,
+                output_keys=(source.adapter.task,),
             )  # fmt: skip
             loader = build_detection_test_loader(
                 todo, mapper=RobustMapper(source.mapper), batch_size=r.BATCH_SIZE, num_workers=0
@@ -177,11 +177,11 @@ class TransferStudy:
         mapper = target.mapper
         if folder:
             mapper = _StoredImageMapper(mapper, folder, source.name, target.name)
-        hook = AdversarialInference(
-            target.model, attack=None, defenses=target.defenses,
-            input_format=target.cfg.INPUT.FORMAT, adapter=target.adapter,
-            output_keys=(target.adapter.task,), batch_size=target.cfg.ROBUSTNESS.BATCH_SIZE,
+        settings = HookSettings(  # scoring only: stored or clean images, no attack, no rounding
+            input_format=target.cfg.INPUT.FORMAT, batch_size=r.BATCH_SIZE,
+            output_keys=(target.adapter.task,),
         )  # fmt: skip
+        hook = AdversarialInference(target.adapter, None, target.defenses, settings=settings)
         eval_dir = os.path.join(self.output_dir, "inference", target.name)
         evaluator = MultiVariantEvaluator(
             {d: build_task_evaluator(target.dataset_name, target.adapter.task, eval_dir) for d in target.defenses}
@@ -210,10 +210,7 @@ class TransferStudy:
                     "num_images": ok,
                     "num_failed": len(records) - ok,
                 })  # fmt: skip
-            os.makedirs(os.path.dirname(done), exist_ok=True)
-            with open(done + ".tmp", "w") as f:
-                json.dump(entries, f, indent=2)
-            os.replace(done + ".tmp", done)
+            atomic_json(done, entries)
         comm.synchronize()
         return entries
 

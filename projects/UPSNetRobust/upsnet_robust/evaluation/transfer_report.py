@@ -2,10 +2,13 @@
 """Writers of a transfer study: ``transfer.json``, ``transfer.md`` and the ``transfer.png``
 heatmap (source rows x target columns of each target's headline metric), with the check that
 flags transfer attacks stronger than the target's own white-box attack."""
+import io
 import json
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
+
+from ..utils.io import atomic_write
 
 __all__ = ["transfer_checks", "write_transfer_report", "TRANSFER_TOLERANCE"]
 
@@ -120,9 +123,10 @@ def _heatmap(entries: Sequence[Dict], path: str) -> None:
         ax.set_xlabel("target (scored)")
         ax.set_ylabel("source (crafted on)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="target's headline metric")
-    fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    atomic_write(path, buffer.getvalue(), mode="wb")
 
 
 def write_transfer_report(entries: Sequence[Dict], output_dir: str, metadata: Optional[Dict] = None) -> Dict[str, str]:
@@ -135,8 +139,6 @@ def write_transfer_report(entries: Sequence[Dict], output_dir: str, metadata: Op
              (("json", "transfer.json"), ("md", "transfer.md"), ("png", "transfer.png"))}  # fmt: skip
     for key, text in (("json", json.dumps({"metadata": metadata, "entries": entries, "checks": checks}, indent=2)),
                       ("md", _markdown(entries, checks, metadata))):  # fmt: skip
-        with open(paths[key] + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(paths[key] + ".tmp", paths[key])
+        atomic_write(paths[key], text)
     _heatmap(entries, paths["png"])
     return paths
