@@ -12,7 +12,7 @@ __all__ = ["kurakin_steps", "parse_log_spans", "parse_log_times", "protocol_mini
 
 
 def kurakin_steps(eps: float) -> int:
-    """T = max(1, ceil(min(eps + 4, 1.25 eps))) (ATTACKS.md, I-FGSM, ceil rounding).
+    """T = max(1, ceil(min(eps + 4, 1.25 eps))) (docs/ATTACKS.md, I-FGSM, ceil rounding).
 
     An independent re-statement of the rule, so the sweep benchmark checks the package's step
     count instead of trusting it. Rounded to 9 decimals before ``ceil`` (float noise).

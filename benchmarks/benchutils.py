@@ -7,7 +7,7 @@ heavy and are covered by ``tests/test_benchmarks_smoke.py``. Helpers that need t
 pointed detectron2 at the repository's data set root, so every benchmark works from any
 working directory.
 
-Timing rules of the suite (``/work/shared/ATTACKS.md`` item 7): every figure states the
+Timing rules of the suite (docs/PERFORMANCE.md): every figure states the
 hardware, torch threads, image size, batch size and device; speed is reported as RATIOS of
 quantities measured in the same run with interleaved repetitions (medians), because the
 absolute seconds on a shared machine move with its load; CUDA work is synchronised before a

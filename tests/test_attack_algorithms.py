@@ -4,7 +4,7 @@
 The reference loops below are written independently of the implementation: plain float64 numpy
 with the analytic gradient of a linear-softmax model whose logits at a pixel also see its left
 neighbour (logits = W z + V roll(z, 1, W-axis) + b, z = x/255 - 1/2), so per-pixel loss weights
-(SegPGD, CosPGD) change gradient signs. They follow the formulas of ATTACKS.md section C
+(SegPGD, CosPGD) change gradient signs. They follow the formulas in docs/ATTACKS.md
 literally, Clip_{x,eps}(z) included.
 """
 
@@ -135,7 +135,7 @@ def to_t(a):
 
 
 # ------------------------------------------------------------------------------------------
-# Reference loops (ATTACKS.md section C)
+# Reference loops (the formulas in docs/ATTACKS.md)
 # ------------------------------------------------------------------------------------------
 def ref_fgsm(x, y, eps):
     g = np_weighted_ce_grad(x, y, np.ones(y.shape))

@@ -2,7 +2,7 @@
 """Shared machinery of the attack algorithms: epsilon checks, the L-inf projection, gradients.
 
 Every attack works on float images on the 0-255 pixel scale, *after* resizing and *before*
-mean subtraction (ATTACKS.md, section C), and maximises an objective. Nothing here knows about
+mean subtraction (docs/ATTACKS.md), and maximises an objective. Nothing here knows about
 UPSNet: an objective is any callable ``x -> value`` where value is a scalar or one value per
 image, so the same code drives train-loss, inference-path and toy objectives.
 """
@@ -254,7 +254,7 @@ class Attack:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Hyper-parameters for the report (ATTACKS.md asks for alpha, T, restarts, ...)."""
+        """Hyper-parameters for the report (an honest report states alpha, T, restarts, ...)."""
         return {
             "name": self.name,
             "eps": self._eps_for_report(),
