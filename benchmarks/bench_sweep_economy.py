@@ -188,55 +188,25 @@ def compare(measured: dict, minimum: dict) -> dict:
     return out
 
 
-def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    if not args.dataset:
-        bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
-    from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
-
-    eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
-    out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
+def _sweep_opts(args, eps, out_dir):
     opts = [
-        "MODEL.WEIGHTS",
-        "",
-        "ROBUSTNESS.ATTACKS",
-        str(list(args.attacks)),
-        "ROBUSTNESS.EPSILONS",
-        str([float(e) for e in eps]),
-        "ROBUSTNESS.DEFENSES",
-        str(list(args.defenses)),
-        "ROBUSTNESS.MAX_IMAGES",
-        str(args.images),
-        "ROBUSTNESS.NUM_EXAMPLES",
-        "0",
-        "ROBUSTNESS.SEED",
-        str(args.seed),
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "OUTPUT_DIR",
-        out_dir,
-    ]
+        "MODEL.WEIGHTS", "",
+        "ROBUSTNESS.ATTACKS", str(list(args.attacks)),
+        "ROBUSTNESS.EPSILONS", str([float(e) for e in eps]),
+        "ROBUSTNESS.DEFENSES", str(list(args.defenses)),
+        "ROBUSTNESS.MAX_IMAGES", str(args.images),
+        "ROBUSTNESS.NUM_EXAMPLES", "0",
+        "ROBUSTNESS.SEED", str(args.seed),
+        "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", out_dir,
+    ]  # fmt: skip
     if args.dataset:
         opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
-    cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
-    model = bu.build_model_for_bench(cfg, None, seed=args.seed)
-    counter = Counter()
-    instrument_model(model, counter)
-    sweep = RobustnessSweep(cfg, model, weights=f"untrained-seed{args.seed}", output_dir=out_dir)
-    for name, transform in list(sweep.defenses.items()):
-        if transform is not None:
-            sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
+    return opts
 
-    attacks = []
+
+def _time_attacks(sweep, counter):
+    """Wrap the sweep's attack builder so every attack's perturb time is counted."""
     build = sweep._attack  # wrapped from outside to read each attack's own counters
 
     def recording_attack(spec):
@@ -252,12 +222,39 @@ def run(args) -> dict:
                     counter["seconds:attack"] += time.perf_counter() - start
 
             attack.perturb = timed_perturb
-        attacks.append(attack)
         return attack
 
     sweep._attack = recording_attack
 
-    per_pass = []
+
+def _pass_record(spec, attack, delta, seconds):
+    desc = attack.describe() if attack is not None else {}
+    record = {
+        "attack": spec["attack"],
+        "eps": spec["eps"],
+        "T": int(desc.get("num_steps", 0) or 0),
+        "forward_backward": delta["forward_train"],
+        "input_backward": delta["input_backward"],
+        "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
+        "forward_only": getattr(attack, "num_forward", 0),
+        "inference": delta["inference"],
+        "predict": delta["predict"],
+        "defense_calls": {
+            k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("defense:")
+        },
+        "seconds": seconds,
+        "seconds_attack": delta["seconds:attack"],
+        "seconds_defense": delta["seconds:defense"],
+        "seconds_inference": delta["seconds:inference"],
+    }
+    record["seconds_other"] = (
+        seconds - record["seconds_attack"] - record["seconds_defense"] - record["seconds_inference"]
+    )
+    return record
+
+
+def _count_passes(sweep, counter, per_pass):
+    """Wrap the sweep's pass runner so each pass's counted work lands in ``per_pass``."""
     run_pass = sweep._run_pass
 
     def counted_run_pass(spec, attack, pass_dir):
@@ -266,51 +263,14 @@ def run(args) -> dict:
         cells = run_pass(spec, attack, pass_dir)
         delta = Counter(counter)
         delta.subtract(before)
-        desc = attack.describe() if attack is not None else {}
-        per_pass.append(
-            {
-                "attack": spec["attack"],
-                "eps": spec["eps"],
-                "T": int(desc.get("num_steps", 0) or 0),
-                "forward_backward": delta["forward_train"],
-                "input_backward": delta["input_backward"],
-                "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
-                "forward_only": getattr(attack, "num_forward", 0),
-                "inference": delta["inference"],
-                "predict": delta["predict"],
-                "defense_calls": {
-                    k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("defense:")
-                },
-                "seconds": time.perf_counter() - start,
-                "seconds_attack": delta["seconds:attack"],
-                "seconds_defense": delta["seconds:defense"],
-                "seconds_inference": delta["seconds:inference"],
-            }
-        )
-        p = per_pass[-1]
-        p["seconds_other"] = (
-            p["seconds"] - p["seconds_attack"] - p["seconds_defense"] - p["seconds_inference"]
-        )
+        per_pass.append(_pass_record(spec, attack, delta, time.perf_counter() - start))
         return cells
 
     sweep._run_pass = counted_run_pass
-    start = time.perf_counter()
-    sweep.run()
-    first_run_s = time.perf_counter() - start
-    total_first = Counter(counter)
 
-    # resume: the same sweep again must load everything and compute nothing
-    before = Counter(counter)
-    start = time.perf_counter()
-    sweep.run()
-    resume_s = time.perf_counter() - start
-    resume = Counter(counter)
-    resume.subtract(before)
-    resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
 
-    passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
-    minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
-    measured_total = {
+def _measured_total(total_first, per_pass):
+    return {
         "forward_backward": total_first["forward_train"],
         "input_backward": total_first["input_backward"],
         "forward_only": sum(p["forward_only"] for p in per_pass),
@@ -323,6 +283,10 @@ def run(args) -> dict:
             k.split(":", 1)[1]: v for k, v in total_first.items() if k.startswith("defense:")
         },
     }
+
+
+def _verdicts(measured_total, per_pass, minimum, resume_work):
+    """(equal, total verdict, per-pass verdicts, counters that read zero where work was done)."""
     verdict = compare(measured_total, minimum["total"])
     pass_verdicts = []
     for got, want in zip(per_pass, minimum["passes"]):
@@ -341,13 +305,74 @@ def run(args) -> dict:
         for p, v in zip(per_pass, pass_verdicts)
         for k in v["zero_counters"]
     ]
+    return equal, verdict, pass_verdicts, zero_counters
 
-    want = minimum["total"]
+
+def _headlines(equal, got, want, resume_work):
+    calls = f"{sum(got['defense_calls'].values())}/{sum(want['defense_calls'].values())}"
+    detail = (f"fwd+bwd {got['forward_backward']}/{want['forward_backward']}, inference "
+              f"{got['inference']}/{want['inference']}, defense calls {calls}")  # fmt: skip
+    return [
+        bu.headline("sweep work == protocol minimum", bool(equal), "", detail),
+        bu.headline("resume recomputes", sum(resume_work.values()), "calls",
+                    "second run() on the same OUTPUT_DIR"),  # fmt: skip
+    ]
+
+
+def _timed_run(sweep, counter):
+    """Seconds of ``sweep.run()`` and the counted work it did."""
+    before = Counter(counter)
+    start = time.perf_counter()
+    sweep.run()
+    seconds = time.perf_counter() - start
+    work = Counter(counter)
+    work.subtract(before)
+    return seconds, work
+
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    if not args.dataset:
+        bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    bu.apply_threads(args.threads)
+    from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
+
+    eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
+    out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
+    cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, _sweep_opts(args, eps, out_dir), device)
+    model = bu.build_model_for_bench(cfg, None, seed=args.seed)
+    counter = Counter()
+    instrument_model(model, counter)
+    sweep = RobustnessSweep(cfg, model, weights=f"untrained-seed{args.seed}", output_dir=out_dir)
+    for name, transform in list(sweep.defenses.items()):
+        if transform is not None:
+            sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
+    per_pass = []
+    _time_attacks(sweep, counter)
+    _count_passes(sweep, counter, per_pass)
+    first_run_s, total_first = _timed_run(sweep, counter)
+    # resume: the same sweep again must load everything and compute nothing
+    resume_s, resume = _timed_run(sweep, counter)
+    resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
+
+    passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
+    minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
+    measured_total = _measured_total(total_first, per_pass)
+    equal, verdict, pass_verdicts, zero_counters = _verdicts(
+        measured_total, per_pass, minimum, resume_work
+    )
     sample = bu.val_inputs(cfg, 1)[0]["image"]
     shutil.rmtree(out_dir, ignore_errors=True)
-    hw = bu.hardware_info(device)
     return {
-        "hardware": hw,
+        "hardware": bu.hardware_info(device),
         "device": device,
         "image_size": [int(sample.shape[-2]), int(sample.shape[-1])],
         "batch_size": 1,
@@ -375,22 +400,7 @@ def run(args) -> dict:
             for k in ("attack", "defense", "inference", "other")
         },
         "resume_s": resume_s,
-        "headline": [
-            bu.headline(
-                "sweep work == protocol minimum",
-                bool(equal),
-                "",
-                f"fwd+bwd {measured_total['forward_backward']}/{want['forward_backward']}, "
-                f"inference {measured_total['inference']}/{want['inference']}, defense calls "
-                f"{sum(measured_total['defense_calls'].values())}/{sum(want['defense_calls'].values())}",
-            ),
-            bu.headline(
-                "resume recomputes",
-                sum(resume_work.values()),
-                "calls",
-                "second run() on the same OUTPUT_DIR",
-            ),
-        ],
+        "headline": _headlines(equal, measured_total, minimum["total"], resume_work),
     }
 
 
@@ -458,6 +468,10 @@ def print_report(result: dict) -> None:
             rows,
         )
     )
+    _print_summary(result)
+
+
+def _print_summary(result: dict) -> None:
     b = result["seconds_breakdown"]
     print(
         "time in passes: "
