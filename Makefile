@@ -7,6 +7,13 @@ DATA_ROOT ?= datasets/synthetic_cityscapes
 TINY_CONFIG := configs/Synthetic/upsnet_tiny.yaml
 TINY_MODEL := checkpoints/upsnet_tiny_synthetic.pth
 SWEEP_CONFIG := configs/Synthetic/upsnet_tiny_robustness.yaml
+# The demo's panoptic models (shipped weights), their sweeps and a transfer study.
+DEMO_CONFIGS := $(SWEEP_CONFIG) configs/Synthetic/panoptic_deeplab_tiny_robustness.yaml
+DEMO_RUNS := output/upsnet_tiny_robustness output/panoptic_deeplab_tiny_robustness
+DEMO_IMAGES ?= 12
+# Written after the data set is generated: a data set from an older generator (without the
+# polygon files of the semantic and instance splits) is regenerated.
+DATA_STAMP := $(DATA_ROOT)/.complete-v2
 
 .PHONY: install demo test bench clean-demo
 
@@ -16,20 +23,30 @@ $(STAMP): requirements/lock.txt setup.py tools/install_env.sh
 	VENV=$(VENV) bash tools/install_env.sh
 	touch $@
 
-$(DATA_ROOT)/gtFine/cityscapes_panoptic_val.json: | $(STAMP)
+$(DATA_STAMP): | $(STAMP)
 	$(PYTHON) tools/prepare_synthetic_cityscapes.py --output $(DATA_ROOT)
+	touch $@
 
 # The tiny model is shipped; if it is missing it is trained (about 5-10 min on 2 CPU cores) and
 # stripped to its weights.
-$(TINY_MODEL): | $(DATA_ROOT)/gtFine/cityscapes_panoptic_val.json
+$(TINY_MODEL): | $(DATA_STAMP)
 	$(PYTHON) tools/train_net.py --config-file $(TINY_CONFIG) OUTPUT_DIR output/upsnet_tiny
 	$(PYTHON) tools/export_weights.py output/upsnet_tiny/model_final.pth $@
 
-# The main job on the embedded default: data (if absent), the tiny model (trained if absent),
-# then the robustness sweep; prints the table and where the report is.
-demo: $(STAMP) $(TINY_MODEL) | $(DATA_ROOT)/gtFine/cityscapes_panoptic_val.json
-	$(PYTHON) tools/attack_net.py --config-file $(SWEEP_CONFIG)
-	@echo "Report: output/upsnet_tiny_robustness/robustness.md (plots, examples/ beside it)"
+# The main job on the embedded default: data (if absent), then the study's protocol on the
+# shipped panoptic models (UPSNet, Panoptic-DeepLab; undefended and NL-means) on DEMO_IMAGES val
+# images, their transfer heatmap, and the models side by side.
+demo: $(STAMP) $(TINY_MODEL) | $(DATA_STAMP)
+	@for c in $(DEMO_CONFIGS); do \
+		$(PYTHON) tools/attack_net.py --config-file $$c ROBUSTNESS.MAX_IMAGES $(DEMO_IMAGES) || exit 1; \
+	done
+	$(PYTHON) tools/transfer_net.py $(foreach c,$(DEMO_CONFIGS),--config-file $(c)) \
+		--output-dir output/demo_transfer ROBUSTNESS.ATTACKS "['ifgsm']" \
+		ROBUSTNESS.EPSILONS "[4.0, 16.0]" ROBUSTNESS.DEFENSES "['none']" \
+		ROBUSTNESS.MAX_IMAGES $(DEMO_IMAGES)
+	$(PYTHON) tools/compare_runs.py --output-dir output/demo $(DEMO_RUNS)
+	@echo "Reports: output/demo/comparison.{md,png}, output/demo_transfer/transfer.{md,png},"
+	@echo "         and per model robustness.md (plots, examples/ beside it) in $(DEMO_RUNS)"
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests -q
@@ -38,4 +55,4 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py
 
 clean-demo:
-	rm -rf $(DATA_ROOT) output/upsnet_tiny output/upsnet_tiny_robustness
+	rm -rf $(DATA_ROOT) output/upsnet_tiny $(DEMO_RUNS) output/demo_transfer output/demo
