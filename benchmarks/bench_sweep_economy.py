@@ -30,6 +30,12 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchutils as bu  # noqa: E402
+from benchcount import (  # noqa: E402
+    CountingTransform,
+    count_attacks,
+    count_passes,
+    instrument_model,
+)
 
 NAME = "sweep_economy"
 COUNTED = ("forward_backward", "input_backward", "forward_only", "inference", "predict")
@@ -57,95 +63,6 @@ def get_parser():
         "validation split, generated if missing)",
     )
     return parser
-
-
-class CountingTransform:
-    """Proxy of a defense transform that counts ``apply_image`` calls (everything else is
-    delegated)."""
-
-    def __init__(self, transform, counter: Counter, key: str):
-        self._transform = transform
-        self._counter = counter
-        self._key = key
-
-    def apply_image(self, img):
-        self._counter[self._key] += 1
-        start = time.perf_counter()
-        try:
-            return self._transform.apply_image(img)
-        finally:
-            self._counter["seconds:defense"] += time.perf_counter() - start
-
-    def __getattr__(self, name):
-        return getattr(self._transform, name)
-
-
-def instrument_model(model, counter: Counter) -> None:
-    """Count model calls by mode, and input-gradient backwards, via instance attributes.
-
-    An inference is counted once per image at the outermost of ``model.forward`` (eval mode)
-    and ``model.inference``: the sweep's hook calls ``inference(..., panoptic_only=True)``
-    directly, and ``forward`` in eval mode delegates to ``inference`` (counted once, not twice).
-    Training-loss forwards are ``forward`` in training mode or ``per_image_losses`` (batched
-    attacks).
-    """
-    forward, inference, predict = model.forward, model.inference, model.predict
-    depth = {"inference": 0}
-
-    def count_train(batched_inputs):
-        counter["forward_train"] += len(batched_inputs)
-        for x in batched_inputs:
-            image = x.get("image")
-            if image is not None and image.requires_grad:
-                image.register_hook(_count_backward(counter))
-
-    def counted_inference_call(fn, batched_inputs, *args, **kwargs):
-        depth["inference"] += 1
-        outermost = depth["inference"] == 1
-        if outermost:
-            counter["inference"] += len(batched_inputs)
-        start = time.perf_counter()
-        try:
-            return fn(batched_inputs, *args, **kwargs)
-        finally:
-            depth["inference"] -= 1
-            if outermost:
-                counter["seconds:inference"] += time.perf_counter() - start
-
-    def counted_forward(batched_inputs, *args, **kwargs):
-        if model.training:
-            count_train(batched_inputs)
-            return forward(batched_inputs, *args, **kwargs)
-        return counted_inference_call(forward, batched_inputs, *args, **kwargs)
-
-    def counted_inference(batched_inputs, *args, **kwargs):
-        return counted_inference_call(inference, batched_inputs, *args, **kwargs)
-
-    def counted_predict(batched_inputs, *args, **kwargs):
-        counter["predict"] += len(batched_inputs)
-        return predict(batched_inputs, *args, **kwargs)
-
-    model.forward = counted_forward
-    model.inference = counted_inference
-    model.predict = counted_predict
-    if hasattr(model, "per_image_losses"):  # the batched attacks' training-loss path
-        per_image_losses = model.per_image_losses
-
-        def counted_per_image_losses(batched_inputs, *args, **kwargs):
-            count_train(batched_inputs)
-            return per_image_losses(batched_inputs, *args, **kwargs)
-
-        model.per_image_losses = counted_per_image_losses
-
-
-def _count_backward(counter):
-    """A tensor hook counting one backward pass to an input image."""
-
-    def hook(grad):
-        counter["input_backward"] += 1
-        return grad
-
-    return hook
 
 
 def compare(measured: dict, minimum: dict) -> dict:
@@ -188,118 +105,30 @@ def compare(measured: dict, minimum: dict) -> dict:
     return out
 
 
-def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    if not args.dataset:
-        bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
-    from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
-
-    eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
-    out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
+def _sweep_cfg(args, eps, out_dir, device):
     opts = [
-        "MODEL.WEIGHTS",
-        "",
-        "ROBUSTNESS.ATTACKS",
-        str(list(args.attacks)),
-        "ROBUSTNESS.EPSILONS",
-        str([float(e) for e in eps]),
-        "ROBUSTNESS.DEFENSES",
-        str(list(args.defenses)),
-        "ROBUSTNESS.MAX_IMAGES",
-        str(args.images),
-        "ROBUSTNESS.NUM_EXAMPLES",
-        "0",
-        "ROBUSTNESS.SEED",
-        str(args.seed),
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "OUTPUT_DIR",
-        out_dir,
-    ]
+        "MODEL.WEIGHTS", "",
+        "ROBUSTNESS.ATTACKS", str(list(args.attacks)),
+        "ROBUSTNESS.EPSILONS", str([float(e) for e in eps]),
+        "ROBUSTNESS.DEFENSES", str(list(args.defenses)),
+        "ROBUSTNESS.MAX_IMAGES", str(args.images),
+        "ROBUSTNESS.NUM_EXAMPLES", "0",
+        "ROBUSTNESS.SEED", str(args.seed),
+        "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", out_dir,
+    ]  # fmt: skip
     if args.dataset:
         opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
-    cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
-    model = bu.build_model_for_bench(cfg, None, seed=args.seed)
-    counter = Counter()
-    instrument_model(model, counter)
-    sweep = RobustnessSweep(cfg, model, weights=f"untrained-seed{args.seed}", output_dir=out_dir)
-    for name, transform in list(sweep.defenses.items()):
-        if transform is not None:
-            sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
+    return bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
 
-    attacks = []
-    build = sweep._attack  # wrapped from outside to read each attack's own counters
 
-    def recording_attack(spec):
-        attack = build(spec)
-        if attack is not None:
-            perturb = attack.perturb
-
-            def timed_perturb(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return perturb(*a, **k)
-                finally:
-                    counter["seconds:attack"] += time.perf_counter() - start
-
-            attack.perturb = timed_perturb
-        attacks.append(attack)
-        return attack
-
-    sweep._attack = recording_attack
-
-    per_pass = []
-    run_pass = sweep._run_pass
-
-    def counted_run_pass(spec, attack, pass_dir):
-        before = Counter(counter)
-        start = time.perf_counter()
-        cells = run_pass(spec, attack, pass_dir)
-        delta = Counter(counter)
-        delta.subtract(before)
-        desc = attack.describe() if attack is not None else {}
-        per_pass.append(
-            {
-                "attack": spec["attack"],
-                "eps": spec["eps"],
-                "T": int(desc.get("num_steps", 0) or 0),
-                "forward_backward": delta["forward_train"],
-                "input_backward": delta["input_backward"],
-                "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
-                "forward_only": getattr(attack, "num_forward", 0),
-                "inference": delta["inference"],
-                "predict": delta["predict"],
-                "defense_calls": {
-                    k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("defense:")
-                },
-                "seconds": time.perf_counter() - start,
-                "seconds_attack": delta["seconds:attack"],
-                "seconds_defense": delta["seconds:defense"],
-                "seconds_inference": delta["seconds:inference"],
-            }
-        )
-        p = per_pass[-1]
-        p["seconds_other"] = (
-            p["seconds"] - p["seconds_attack"] - p["seconds_defense"] - p["seconds_inference"]
-        )
-        return cells
-
-    sweep._run_pass = counted_run_pass
+def _run_twice(sweep, counter: Counter):
+    """The sweep, then again on the same directory (a resume must load everything and
+    compute nothing): first-run seconds and counts, resume seconds and any work it did."""
     start = time.perf_counter()
     sweep.run()
     first_run_s = time.perf_counter() - start
     total_first = Counter(counter)
-
-    # resume: the same sweep again must load everything and compute nothing
     before = Counter(counter)
     start = time.perf_counter()
     sweep.run()
@@ -307,10 +136,11 @@ def run(args) -> dict:
     resume = Counter(counter)
     resume.subtract(before)
     resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
+    return first_run_s, total_first, resume_s, resume_work
 
-    passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
-    minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
-    measured_total = {
+
+def _measured_total(total_first: Counter, per_pass) -> dict:
+    return {
         "forward_backward": total_first["forward_train"],
         "input_backward": total_first["input_backward"],
         "forward_only": sum(p["forward_only"] for p in per_pass),
@@ -323,6 +153,11 @@ def run(args) -> dict:
             k.split(":", 1)[1]: v for k, v in total_first.items() if k.startswith("defense:")
         },
     }
+
+
+def _verdicts(measured_total, minimum, per_pass, resume_work):
+    """The total and per-pass comparisons with the minimum, the overall verdict and the
+    counters that read 0 where work was done."""
     verdict = compare(measured_total, minimum["total"])
     pass_verdicts = []
     for got, want in zip(per_pass, minimum["passes"]):
@@ -341,13 +176,68 @@ def run(args) -> dict:
         for p, v in zip(per_pass, pass_verdicts)
         for k in v["zero_counters"]
     ]
+    return verdict, pass_verdicts, bool(equal), zero_counters
 
-    want = minimum["total"]
+
+def _headlines(equal, measured_total, want, resume_work):
+    calls = sum(measured_total["defense_calls"].values())
+    return [
+        bu.headline(
+            "sweep work == protocol minimum",
+            equal,
+            "",
+            f"fwd+bwd {measured_total['forward_backward']}/{want['forward_backward']}, "
+            f"inference {measured_total['inference']}/{want['inference']}, defense calls "
+            f"{calls}/{sum(want['defense_calls'].values())}",
+        ),
+        bu.headline(
+            "resume recomputes",
+            sum(resume_work.values()),
+            "calls",
+            "second run() on the same OUTPUT_DIR",
+        ),
+    ]
+
+
+def run(args) -> dict:
+    """Run the benchmark.
+
+    Args:
+        args (argparse.Namespace): parsed command-line options.
+
+    Returns:
+        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
+    """
+    if not args.dataset:
+        bu.ensure_synthetic_data()
+    device = bu.resolve_device(args.device)
+    bu.apply_threads(args.threads)
+    from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
+
+    eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
+    out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
+    cfg = _sweep_cfg(args, eps, out_dir, device)
+    model = bu.build_model_for_bench(cfg, None, seed=args.seed)
+    counter = Counter()
+    instrument_model(model, counter)
+    sweep = RobustnessSweep(cfg, model, weights=f"untrained-seed{args.seed}", output_dir=out_dir)
+    for name, transform in list(sweep.defenses.items()):
+        if transform is not None:
+            sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
+    count_attacks(sweep, counter)
+    per_pass = count_passes(sweep, counter)
+    first_run_s, total_first, resume_s, resume_work = _run_twice(sweep, counter)
+
+    passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
+    minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
+    measured_total = _measured_total(total_first, per_pass)
+    verdict, pass_verdicts, equal, zero_counters = _verdicts(
+        measured_total, minimum, per_pass, resume_work
+    )
     sample = bu.val_inputs(cfg, 1)[0]["image"]
     shutil.rmtree(out_dir, ignore_errors=True)
-    hw = bu.hardware_info(device)
     return {
-        "hardware": hw,
+        "hardware": bu.hardware_info(device),
         "device": device,
         "image_size": [int(sample.shape[-2]), int(sample.shape[-1])],
         "batch_size": 1,
@@ -360,7 +250,7 @@ def run(args) -> dict:
             "objective": cfg.ROBUSTNESS.OBJECTIVE,
             "output_dir": f"{out_dir} (temporary, removed)",
         },
-        "equal_to_minimum": bool(equal),
+        "equal_to_minimum": equal,
         "zero_counters": zero_counters,
         "total": verdict,
         "measured_total": measured_total,
@@ -375,34 +265,12 @@ def run(args) -> dict:
             for k in ("attack", "defense", "inference", "other")
         },
         "resume_s": resume_s,
-        "headline": [
-            bu.headline(
-                "sweep work == protocol minimum",
-                bool(equal),
-                "",
-                f"fwd+bwd {measured_total['forward_backward']}/{want['forward_backward']}, "
-                f"inference {measured_total['inference']}/{want['inference']}, defense calls "
-                f"{sum(measured_total['defense_calls'].values())}/{sum(want['defense_calls'].values())}",
-            ),
-            bu.headline(
-                "resume recomputes",
-                sum(resume_work.values()),
-                "calls",
-                "second run() on the same OUTPUT_DIR",
-            ),
-        ],
+        "headline": _headlines(equal, measured_total, minimum["total"], resume_work),
     }
 
 
-def print_report(result: dict) -> None:
-    """Print the hardware line and a short Markdown table of ``result``."""
-    print(f"Hardware: {bu.hardware_line(result['hardware'])}")
-    s = result["sweep"]
-    h, w = result["image_size"]
-    print(
-        f"Sweep: {s['images']} images {h}x{w}, batch 1, attacks {s['attacks']} at eps {s['eps']}, "
-        f"defenses {s['defenses']}, objective {s['objective']}"
-    )
+def _report_rows(result: dict) -> list:
+    """The report table's rows: measured / minimum per pass, then the totals."""
     rows = []
     for got, want, v in zip(
         result["per_pass"], result["per_pass_minimum"], result["per_pass_verdict"]
@@ -440,6 +308,19 @@ def print_report(result: dict) -> None:
             result["first_run_s"],
         ]
     )
+    return rows
+
+
+def print_report(result: dict) -> None:
+    """Print the hardware line and a short Markdown table of ``result``."""
+    print(f"Hardware: {bu.hardware_line(result['hardware'])}")
+    s = result["sweep"]
+    h, w = result["image_size"]
+    print(
+        f"Sweep: {s['images']} images {h}x{w}, batch 1, attacks {s['attacks']} at eps {s['eps']}, "
+        f"defenses {s['defenses']}, objective {s['objective']}"
+    )
+    rows = _report_rows(result)
     print("measured / minimum:")
     print(
         bu.format_table(
