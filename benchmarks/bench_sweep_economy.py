@@ -30,6 +30,12 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchutils as bu  # noqa: E402
+from benchcount import (  # noqa: E402
+    CountingTransform,
+    count_attacks,
+    count_passes,
+    instrument_model,
+)
 
 NAME = "sweep_economy"
 COUNTED = ("forward_backward", "input_backward", "forward_only", "inference", "predict")
@@ -57,95 +63,6 @@ def get_parser():
         "validation split, generated if missing)",
     )
     return parser
-
-
-class CountingTransform:
-    """Proxy of a defense transform that counts ``apply_image`` calls (everything else is
-    delegated)."""
-
-    def __init__(self, transform, counter: Counter, key: str):
-        self._transform = transform
-        self._counter = counter
-        self._key = key
-
-    def apply_image(self, img):
-        self._counter[self._key] += 1
-        start = time.perf_counter()
-        try:
-            return self._transform.apply_image(img)
-        finally:
-            self._counter["seconds:defense"] += time.perf_counter() - start
-
-    def __getattr__(self, name):
-        return getattr(self._transform, name)
-
-
-def instrument_model(model, counter: Counter) -> None:
-    """Count model calls by mode, and input-gradient backwards, via instance attributes.
-
-    An inference is counted once per image at the outermost of ``model.forward`` (eval mode)
-    and ``model.inference``: the sweep's hook calls ``inference(..., panoptic_only=True)``
-    directly, and ``forward`` in eval mode delegates to ``inference`` (counted once, not twice).
-    Training-loss forwards are ``forward`` in training mode or ``per_image_losses`` (batched
-    attacks).
-    """
-    forward, inference, predict = model.forward, model.inference, model.predict
-    depth = {"inference": 0}
-
-    def count_train(batched_inputs):
-        counter["forward_train"] += len(batched_inputs)
-        for x in batched_inputs:
-            image = x.get("image")
-            if image is not None and image.requires_grad:
-                image.register_hook(_count_backward(counter))
-
-    def counted_inference_call(fn, batched_inputs, *args, **kwargs):
-        depth["inference"] += 1
-        outermost = depth["inference"] == 1
-        if outermost:
-            counter["inference"] += len(batched_inputs)
-        start = time.perf_counter()
-        try:
-            return fn(batched_inputs, *args, **kwargs)
-        finally:
-            depth["inference"] -= 1
-            if outermost:
-                counter["seconds:inference"] += time.perf_counter() - start
-
-    def counted_forward(batched_inputs, *args, **kwargs):
-        if model.training:
-            count_train(batched_inputs)
-            return forward(batched_inputs, *args, **kwargs)
-        return counted_inference_call(forward, batched_inputs, *args, **kwargs)
-
-    def counted_inference(batched_inputs, *args, **kwargs):
-        return counted_inference_call(inference, batched_inputs, *args, **kwargs)
-
-    def counted_predict(batched_inputs, *args, **kwargs):
-        counter["predict"] += len(batched_inputs)
-        return predict(batched_inputs, *args, **kwargs)
-
-    model.forward = counted_forward
-    model.inference = counted_inference
-    model.predict = counted_predict
-    if hasattr(model, "per_image_losses"):  # the batched attacks' training-loss path
-        per_image_losses = model.per_image_losses
-
-        def counted_per_image_losses(batched_inputs, *args, **kwargs):
-            count_train(batched_inputs)
-            return per_image_losses(batched_inputs, *args, **kwargs)
-
-        model.per_image_losses = counted_per_image_losses
-
-
-def _count_backward(counter):
-    """A tensor hook counting one backward pass to an input image."""
-
-    def hook(grad):
-        counter["input_backward"] += 1
-        return grad
-
-    return hook
 
 
 def compare(measured: dict, minimum: dict) -> dict:
@@ -188,7 +105,7 @@ def compare(measured: dict, minimum: dict) -> dict:
     return out
 
 
-def _sweep_opts(args, eps, out_dir):
+def _sweep_cfg(args, eps, out_dir, device):
     opts = [
         "MODEL.WEIGHTS", "",
         "ROBUSTNESS.ATTACKS", str(list(args.attacks)),
@@ -202,74 +119,27 @@ def _sweep_opts(args, eps, out_dir):
     ]  # fmt: skip
     if args.dataset:
         opts += ["DATASETS.TEST", f"('{args.dataset}',)"]
-    return opts
+    return bu.load_cfg(bu.ROBUSTNESS_CONFIG, opts, device)
 
 
-def _time_attacks(sweep, counter):
-    """Wrap the sweep's attack builder so every attack's perturb time is counted."""
-    build = sweep._attack  # wrapped from outside to read each attack's own counters
-
-    def recording_attack(spec):
-        attack = build(spec)
-        if attack is not None:
-            perturb = attack.perturb
-
-            def timed_perturb(*a, **k):
-                start = time.perf_counter()
-                try:
-                    return perturb(*a, **k)
-                finally:
-                    counter["seconds:attack"] += time.perf_counter() - start
-
-            attack.perturb = timed_perturb
-        return attack
-
-    sweep._attack = recording_attack
+def _run_twice(sweep, counter: Counter):
+    """The sweep, then again on the same directory (a resume must load everything and
+    compute nothing): first-run seconds and counts, resume seconds and any work it did."""
+    start = time.perf_counter()
+    sweep.run()
+    first_run_s = time.perf_counter() - start
+    total_first = Counter(counter)
+    before = Counter(counter)
+    start = time.perf_counter()
+    sweep.run()
+    resume_s = time.perf_counter() - start
+    resume = Counter(counter)
+    resume.subtract(before)
+    resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
+    return first_run_s, total_first, resume_s, resume_work
 
 
-def _pass_record(spec, attack, delta, seconds):
-    desc = attack.describe() if attack is not None else {}
-    record = {
-        "attack": spec["attack"],
-        "eps": spec["eps"],
-        "T": int(desc.get("num_steps", 0) or 0),
-        "forward_backward": delta["forward_train"],
-        "input_backward": delta["input_backward"],
-        "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
-        "forward_only": getattr(attack, "num_forward", 0),
-        "inference": delta["inference"],
-        "predict": delta["predict"],
-        "defense_calls": {
-            k.split(":", 1)[1]: v for k, v in delta.items() if k.startswith("defense:")
-        },
-        "seconds": seconds,
-        "seconds_attack": delta["seconds:attack"],
-        "seconds_defense": delta["seconds:defense"],
-        "seconds_inference": delta["seconds:inference"],
-    }
-    record["seconds_other"] = (
-        seconds - record["seconds_attack"] - record["seconds_defense"] - record["seconds_inference"]
-    )
-    return record
-
-
-def _count_passes(sweep, counter, per_pass):
-    """Wrap the sweep's pass runner so each pass's counted work lands in ``per_pass``."""
-    run_pass = sweep._run_pass
-
-    def counted_run_pass(spec, attack, pass_dir):
-        before = Counter(counter)
-        start = time.perf_counter()
-        cells = run_pass(spec, attack, pass_dir)
-        delta = Counter(counter)
-        delta.subtract(before)
-        per_pass.append(_pass_record(spec, attack, delta, time.perf_counter() - start))
-        return cells
-
-    sweep._run_pass = counted_run_pass
-
-
-def _measured_total(total_first, per_pass):
+def _measured_total(total_first: Counter, per_pass) -> dict:
     return {
         "forward_backward": total_first["forward_train"],
         "input_backward": total_first["input_backward"],
@@ -285,8 +155,9 @@ def _measured_total(total_first, per_pass):
     }
 
 
-def _verdicts(measured_total, per_pass, minimum, resume_work):
-    """(equal, total verdict, per-pass verdicts, counters that read zero where work was done)."""
+def _verdicts(measured_total, minimum, per_pass, resume_work):
+    """The total and per-pass comparisons with the minimum, the overall verdict and the
+    counters that read 0 where work was done."""
     verdict = compare(measured_total, minimum["total"])
     pass_verdicts = []
     for got, want in zip(per_pass, minimum["passes"]):
@@ -305,29 +176,27 @@ def _verdicts(measured_total, per_pass, minimum, resume_work):
         for p, v in zip(per_pass, pass_verdicts)
         for k in v["zero_counters"]
     ]
-    return equal, verdict, pass_verdicts, zero_counters
+    return verdict, pass_verdicts, bool(equal), zero_counters
 
 
-def _headlines(equal, got, want, resume_work):
-    calls = f"{sum(got['defense_calls'].values())}/{sum(want['defense_calls'].values())}"
-    detail = (f"fwd+bwd {got['forward_backward']}/{want['forward_backward']}, inference "
-              f"{got['inference']}/{want['inference']}, defense calls {calls}")  # fmt: skip
+def _headlines(equal, measured_total, want, resume_work):
+    calls = sum(measured_total["defense_calls"].values())
     return [
-        bu.headline("sweep work == protocol minimum", bool(equal), "", detail),
-        bu.headline("resume recomputes", sum(resume_work.values()), "calls",
-                    "second run() on the same OUTPUT_DIR"),  # fmt: skip
+        bu.headline(
+            "sweep work == protocol minimum",
+            equal,
+            "",
+            f"fwd+bwd {measured_total['forward_backward']}/{want['forward_backward']}, "
+            f"inference {measured_total['inference']}/{want['inference']}, defense calls "
+            f"{calls}/{sum(want['defense_calls'].values())}",
+        ),
+        bu.headline(
+            "resume recomputes",
+            sum(resume_work.values()),
+            "calls",
+            "second run() on the same OUTPUT_DIR",
+        ),
     ]
-
-
-def _timed_run(sweep, counter):
-    """Seconds of ``sweep.run()`` and the counted work it did."""
-    before = Counter(counter)
-    start = time.perf_counter()
-    sweep.run()
-    seconds = time.perf_counter() - start
-    work = Counter(counter)
-    work.subtract(before)
-    return seconds, work
 
 
 def run(args) -> dict:
@@ -347,7 +216,7 @@ def run(args) -> dict:
 
     eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])
     out_dir = tempfile.mkdtemp(prefix="bench_sweep_economy_")
-    cfg = bu.load_cfg(bu.ROBUSTNESS_CONFIG, _sweep_opts(args, eps, out_dir), device)
+    cfg = _sweep_cfg(args, eps, out_dir, device)
     model = bu.build_model_for_bench(cfg, None, seed=args.seed)
     counter = Counter()
     instrument_model(model, counter)
@@ -355,19 +224,15 @@ def run(args) -> dict:
     for name, transform in list(sweep.defenses.items()):
         if transform is not None:
             sweep.defenses[name] = CountingTransform(transform, counter, f"defense:{name}")
-    per_pass = []
-    _time_attacks(sweep, counter)
-    _count_passes(sweep, counter, per_pass)
-    first_run_s, total_first = _timed_run(sweep, counter)
-    # resume: the same sweep again must load everything and compute nothing
-    resume_s, resume = _timed_run(sweep, counter)
-    resume_work = {k: v for k, v in resume.items() if v and not k.startswith("seconds:")}
+    count_attacks(sweep, counter)
+    per_pass = count_passes(sweep, counter)
+    first_run_s, total_first, resume_s, resume_work = _run_twice(sweep, counter)
 
     passes = [{"attack": p["attack"], "eps": p["eps"]} for p in sweep_passes(cfg)]
     minimum = bu.protocol_minimum(args.images, passes, sweep.defense_names)
     measured_total = _measured_total(total_first, per_pass)
-    equal, verdict, pass_verdicts, zero_counters = _verdicts(
-        measured_total, per_pass, minimum, resume_work
+    verdict, pass_verdicts, equal, zero_counters = _verdicts(
+        measured_total, minimum, per_pass, resume_work
     )
     sample = bu.val_inputs(cfg, 1)[0]["image"]
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -385,7 +250,7 @@ def run(args) -> dict:
             "objective": cfg.ROBUSTNESS.OBJECTIVE,
             "output_dir": f"{out_dir} (temporary, removed)",
         },
-        "equal_to_minimum": bool(equal),
+        "equal_to_minimum": equal,
         "zero_counters": zero_counters,
         "total": verdict,
         "measured_total": measured_total,
@@ -404,15 +269,8 @@ def run(args) -> dict:
     }
 
 
-def print_report(result: dict) -> None:
-    """Print the hardware line and a short Markdown table of ``result``."""
-    print(f"Hardware: {bu.hardware_line(result['hardware'])}")
-    s = result["sweep"]
-    h, w = result["image_size"]
-    print(
-        f"Sweep: {s['images']} images {h}x{w}, batch 1, attacks {s['attacks']} at eps {s['eps']}, "
-        f"defenses {s['defenses']}, objective {s['objective']}"
-    )
+def _report_rows(result: dict) -> list:
+    """The report table's rows: measured / minimum per pass, then the totals."""
     rows = []
     for got, want, v in zip(
         result["per_pass"], result["per_pass_minimum"], result["per_pass_verdict"]
@@ -450,6 +308,19 @@ def print_report(result: dict) -> None:
             result["first_run_s"],
         ]
     )
+    return rows
+
+
+def print_report(result: dict) -> None:
+    """Print the hardware line and a short Markdown table of ``result``."""
+    print(f"Hardware: {bu.hardware_line(result['hardware'])}")
+    s = result["sweep"]
+    h, w = result["image_size"]
+    print(
+        f"Sweep: {s['images']} images {h}x{w}, batch 1, attacks {s['attacks']} at eps {s['eps']}, "
+        f"defenses {s['defenses']}, objective {s['objective']}"
+    )
+    rows = _report_rows(result)
     print("measured / minimum:")
     print(
         bu.format_table(
@@ -468,10 +339,6 @@ def print_report(result: dict) -> None:
             rows,
         )
     )
-    _print_summary(result)
-
-
-def _print_summary(result: dict) -> None:
     b = result["seconds_breakdown"]
     print(
         "time in passes: "
