@@ -291,17 +291,8 @@ def _panoptic_only_check(timings, inference_outputs):
 
 
 def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
+    """Run the benchmark; returns its JSON result (see :func:`benchutils.bench_main`)."""
+    device = bu.prepare_run(args)
     reps = args.reps or (5 if args.quick else 11)
     s = _setup(args, device)
     s.eps, s.attack_name = args.eps, args.attack

@@ -139,17 +139,8 @@ def _headlines(rows):
 
 
 def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
+    """Run the benchmark; returns its JSON result (see :func:`benchutils.bench_main`)."""
+    device = bu.prepare_run(args)
     from upsnet_robust.defenses import adaptive_nlmeans_h, build_defense, registered_defense_names
 
     names = args.defenses or registered_defense_names()

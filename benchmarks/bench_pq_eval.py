@@ -165,17 +165,8 @@ def _headlines(rows, n, height, width):
 
 
 def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
+    """Run the benchmark; returns its JSON result (see :func:`benchutils.bench_main`)."""
+    device = bu.prepare_run(args)
     bu.setup_environment()
     import upsnet_robust  # noqa: F401  registers the data set
     from detectron2.data import DatasetCatalog, MetadataCatalog

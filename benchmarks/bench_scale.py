@@ -236,14 +236,7 @@ def _headlines(rows, images, passes, cells_equal):
 
 
 def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
+    """Run the benchmark; returns its JSON result (see :func:`benchutils.bench_main`)."""
     bu.ensure_synthetic_data()
     device = bu.resolve_device(args.device)
     images = args.images or (4 if args.quick else 8)

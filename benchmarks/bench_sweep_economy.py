@@ -200,18 +200,8 @@ def _headlines(equal, measured_total, want, resume_work):
 
 
 def run(args) -> dict:
-    """Run the benchmark.
-
-    Args:
-        args (argparse.Namespace): parsed command-line options.
-
-    Returns:
-        dict: the JSON-serialisable result (hardware, settings, figures, ``headline`` rows).
-    """
-    if not args.dataset:
-        bu.ensure_synthetic_data()
-    device = bu.resolve_device(args.device)
-    bu.apply_threads(args.threads)
+    """Run the benchmark; returns its JSON result (see :func:`benchutils.bench_main`)."""
+    device = bu.prepare_run(args, data=not args.dataset)
     from upsnet_robust.evaluation import RobustnessSweep, sweep_passes
 
     eps = args.eps or ([1.0, 2.0] if args.quick else [1.0, 4.0])

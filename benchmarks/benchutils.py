@@ -320,6 +320,16 @@ class Stopwatch:
             self.cpu.append(time.process_time() - start_cpu)
 
 
+def prepare_run(args, data: bool = True) -> str:
+    """The common start of a benchmark's ``run``: the generated data set (if ``data``), the
+    device (``--device``) and torch's threads (``--threads``); returns the device."""
+    if data:
+        ensure_synthetic_data()
+    device = resolve_device(args.device)
+    apply_threads(args.threads)
+    return device
+
+
 def apply_threads(threads: int) -> int:
     """``torch.set_num_threads(threads)`` when ``threads`` > 0; returns the threads in use."""
     import torch
