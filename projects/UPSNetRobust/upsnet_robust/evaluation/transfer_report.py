@@ -106,7 +106,7 @@ def _heatmap(entries: Sequence[Dict], path: str) -> None:
     n = max(1, len(groups))
     fig, axes = plt.subplots(1, n, figsize=(1.6 + 1.4 * len(targets) * n, 1.4 + 0.6 * len(sources)),
                              squeeze=False)  # fmt: skip
-    for ax, ((attack, eps), group) in zip(axes[0], groups.items()):
+    for k, (ax, ((attack, eps), group)) in enumerate(zip(axes[0], groups.items())):
         grid = np.full((len(sources), len(targets)), np.nan)
         for e in group:
             v = _value(e)
@@ -118,10 +118,12 @@ def _heatmap(entries: Sequence[Dict], path: str) -> None:
                     ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center",
                             color="white" if grid[i, j] < 60 else "black", fontsize=9)  # fmt: skip
         ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
-        ax.set_yticks(range(len(sources)), sources)
+        # source names label the first panel's rows only: they would overlap the next panel
+        ax.set_yticks(range(len(sources)), sources if k == 0 else [""] * len(sources))
         ax.set_title(f"{attack} eps {eps:g}")
         ax.set_xlabel("target (scored)")
-        ax.set_ylabel("source (crafted on)")
+        if k == 0:
+            ax.set_ylabel("source (crafted on)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="target's headline metric")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
