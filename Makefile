@@ -8,7 +8,7 @@ TINY_CONFIG := configs/Synthetic/upsnet_tiny.yaml
 TINY_MODEL := checkpoints/upsnet_tiny_synthetic.pth
 SWEEP_CONFIG := configs/Synthetic/upsnet_tiny_robustness.yaml
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test test-quick bench clean-demo
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP) $(TINY_MODEL) | $(DATA_ROOT)/gtFine/cityscapes_panoptic_val.json
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests -q
+
+# Leaves out the tests marked slow (pytest.ini): subprocess runs and trained-model sweeps.
+test-quick: $(STAMP)
+	$(PYTHON) -m pytest tests -q -m "not slow"
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py
