@@ -15,7 +15,7 @@ DEMO_IMAGES ?= 12
 # polygon files of the semantic and instance splits) is regenerated.
 DATA_STAMP := $(DATA_ROOT)/.complete-v2
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test test-quick bench clean-demo
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ demo: $(STAMP) $(TINY_MODEL) | $(DATA_STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests -q
+
+# Leaves out the tests marked slow (pytest.ini): subprocess runs and trained-model sweeps.
+test-quick: $(STAMP)
+	$(PYTHON) -m pytest tests -q -m "not slow"
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py

@@ -480,6 +480,7 @@ def test_sweep_adaptive_passes_cells_report_and_resume(
 # ------------------------------------------------------------------------------------------------
 # On the trained tiny model (the shipped checkpoint)
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(
     not os.path.isfile(TRAINED),
     reason=f"needs the trained tiny checkpoint {os.path.relpath(TRAINED, REPO_ROOT)} (not shipped yet)",

@@ -319,6 +319,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_one_vs_two_processes_equal_and_resume_after_kill(synthetic_cityscapes_root, weights, tmp_path):
     """gloo on CPU through detectron2's launch: identical cells and per-image outputs; a run
     killed mid-sweep and started again ends with the uninterrupted run's results."""

@@ -14,9 +14,12 @@ from upsnet_robust.evaluation import run_robustness_sweep
 CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth")
 TOLERANCE = 0.5  # PQ points, as in the report's sanity checks
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(CHECKPOINT), reason=f"{CHECKPOINT} missing (make demo trains it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.isfile(CHECKPOINT), reason=f"{CHECKPOINT} missing (make demo trains it)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,7 @@ def test_checkpointer_refuses_unsafe_files_unless_opted_in(tmp_path):
     build_checkpointer(unsafe, model).load(str(pth))  # the user's explicit opt-in
 
 
+@pytest.mark.slow
 def test_train_net_two_processes_on_cpu(synthetic_cityscapes_root, tmp_path):
     """detectron2's launch with gloo; the trainer must build DDP without device_ids on CPU."""
     env = dict(os.environ, DETECTRON2_DATASETS=os.path.dirname(synthetic_cityscapes_root), OMP_NUM_THREADS="1")
