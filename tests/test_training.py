@@ -96,7 +96,7 @@ def test_test_with_attack_scores_each_attack_and_eps(synthetic_cityscapes_names,
     from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 
     from upsnet_robust.attacks import FGSM
-    from upsnet_robust.evaluation import AdversarialInference
+    from upsnet_robust.evaluation import AdversarialInference, MultiVariantEvaluator
 
     name = synthetic_cityscapes_names["val"]
     cfg = tiny_cfg(
@@ -113,9 +113,10 @@ def test_test_with_attack_scores_each_attack_and_eps(synthetic_cityscapes_names,
     assert {"panoptic_seg_fgsm_eps2", "panoptic_seg_fgsm_eps8", "sem_seg_fgsm_eps2"} <= set(res)
     clean = Trainer.test(cfg, model)["panoptic_seg"]["PQ"]
     wrapper = AdversarialInference(model, attack=FGSM(8.0), objective=cfg.ROBUSTNESS.OBJECTIVE)
-    evaluator = COCOPanopticEvaluator(name, str(tmp_path / "ref"))
+    # the hook returns {defense: output} per image: one evaluator per defense
+    evaluator = MultiVariantEvaluator({"none": COCOPanopticEvaluator(name, str(tmp_path / "ref"))})
     ref = inference_on_dataset(wrapper, Trainer.build_test_loader(cfg, name), evaluator)
-    assert res["panoptic_seg_fgsm_eps8"] == ref["panoptic_seg"]
+    assert res["panoptic_seg_fgsm_eps8"] == ref["none"]["panoptic_seg"]
     # Measured on 10 pairs of val images: FGSM eps 8 lowers PQ by 5.3-9.6 points (6.4 here,
     # 64.7 -> 55.1 after eps 2's 61.5); margin 2.
     assert res["panoptic_seg_fgsm_eps8"]["PQ"] < clean - 2, (clean, res)
