@@ -140,6 +140,8 @@ class Trainer(DefaultTrainer):
                         seed=cfg.ROBUSTNESS.SEED,
                         batch_size=cfg.ROBUSTNESS.BATCH_SIZE,
                         amp_dtype=amp_dtype(cfg.ROBUSTNESS.AMP),
+                        # the data set's label convention (e.g. PanopticFPN's separated labels)
+                        adapter=adapter_class(model)(model, MetadataCatalog.get(dataset_name)),
                     )
                     res = inference_on_dataset(wrapper, data_loader, evaluator)
                     if comm.is_main_process():
