@@ -5,7 +5,8 @@
 
     python benchmarks/bench_train_tiny.py [--output-dir output/bench_train_tiny] [--keep]
     python benchmarks/bench_train_tiny.py --config-file configs/Synthetic/panoptic_fpn_tiny.yaml \
-        --goal-pq 60 --output-dir output/bench_train_pfpn --result benchmarks/results/train_pfpn.json
+        --goal-pq 60 --output-dir output/bench_train_pfpn \
+        --result benchmarks/results/train_pfpn.json
 
 Runs exactly the README command (tools/train_net.py on the config, default
 configs/Synthetic/upsnet_tiny.yaml, fresh OUTPUT_DIR), measures its wall-clock and CPU time and
@@ -44,7 +45,7 @@ def run(cmd):
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"command failed with exit code {proc.returncode}")
-    cpu_s = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    cpu_s = after.children_user - before.children_user + after.children_system - before.children_system
     return proc.stdout + proc.stderr, elapsed, cpu_s
 
 
@@ -62,7 +63,8 @@ def main():
     if os.path.exists(os.path.join(ROOT, out)):
         raise SystemExit(f"{out} exists; remove it or pass another --output-dir (training must start fresh)")
     load_before = os.getloadavg()
-    train_cmd = [sys.executable, "tools/train_net.py", "--config-file", args.config_file, "OUTPUT_DIR", out] + args.opts
+    train_cmd = [sys.executable, "tools/train_net.py", "--config-file", args.config_file]
+    train_cmd += ["OUTPUT_DIR", out] + args.opts
     _, train_s, train_cpu_s = run(train_cmd)
     load_after = os.getloadavg()
     eval_cmd = [

@@ -120,9 +120,8 @@ class SeparatedLabels:
     def thing_class_to_id(self, detector_class: int) -> int:
         """A detector class 0..T-1 -> the thing class's contiguous id."""
         if not 0 <= int(detector_class) < len(self.thing_ids):
-            raise ValueError(
-                f"detector class {detector_class} outside 0..{len(self.thing_ids) - 1} ({self.name})"
-            )
+            last = len(self.thing_ids) - 1
+            raise ValueError(f"detector class {detector_class} outside 0..{last} ({self.name})")
         return self.thing_ids[int(detector_class)]
 
     def thing_classes_to_ids(self, classes: torch.Tensor) -> torch.Tensor:
