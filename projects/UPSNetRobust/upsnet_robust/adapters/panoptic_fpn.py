@@ -55,7 +55,7 @@ class SeparatedLabels:
                 f"{self.thing_ids}, ignore_label {ignore_label}"
             )
         size = max(self.stuff_ids + self.thing_ids + [int(ignore_label)]) + 1
-        lut = torch.zeros(size, dtype=torch.int64)  # THINGS_LABEL for the thing ids
+        lut = torch.full((size,), THINGS_LABEL, dtype=torch.int64)  # stuff, ignore: below
         lut[self.stuff_ids] = torch.arange(1, len(self.stuff_ids) + 1)
         lut[int(ignore_label)] = self.ignore_value
         known = torch.zeros(size, dtype=torch.bool)
