@@ -7,6 +7,7 @@ adapter lives beside UPSNet (``upsnet_robust.modeling.adapter``).
 from .base import *  # noqa: F401,F403
 from .base import __all__ as _base_all
 from .panoptic_deeplab import PanopticDeepLabAdapter  # noqa: F401  registers "PanopticDeepLab"
+from .panoptic_fpn import PanopticFPNAdapter  # noqa: F401  registers "PanopticFPN"
 
 __all__ = list(_base_all)
 

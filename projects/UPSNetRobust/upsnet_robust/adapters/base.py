@@ -114,6 +114,8 @@ class AdapterInference(nn.Module):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model  # a submodule: .eval()/.train() reach the model
+        # the model's mode, which inference_on_dataset restores afterwards (not Module's default)
+        self.train(self.model.training)
 
     def forward(self, batched_inputs):
         return self.adapter.inference(batched_inputs)

@@ -123,8 +123,9 @@ class Trainer(DefaultTrainer):
         attack could not score (non-finite gradients) are skipped and logged.
         """
         results = {}
-        adapter = build_adapter(cfg, model)
         for dataset_name in cfg.DATASETS.TEST:
+            # the data set's label convention (e.g. PanopticFPN's separated labels)
+            adapter = adapter_class(model)(model, MetadataCatalog.get(dataset_name))
             data_loader = cls.build_test_loader(cfg, dataset_name)
             for attack_name in cfg.ROBUSTNESS.ATTACKS:
                 for eps in cfg.ROBUSTNESS.EPSILONS:
