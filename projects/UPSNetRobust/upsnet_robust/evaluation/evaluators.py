@@ -22,6 +22,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 
 from .image_cache import FAILED_KEY
+from .panoptic_stats import image_panoptic_stats, load_panoptic_gt, panoptic_ids_from_png
 
 __all__ = [
     "MultiVariantEvaluator",
@@ -72,16 +73,65 @@ class PanopticSubsetEvaluator(COCOPanopticEvaluator):
     a sweep over ``ROBUSTNESS.MAX_IMAGES`` images, or with images skipped for a recorded reason,
     has fewer. This writes a ground-truth JSON holding just the scored images and evaluates
     against it; the scoring itself is detectron2's and panopticapi's, unchanged.
+
+    With ``per_image_stats``, each image's PQ sums (:mod:`.panoptic_stats`) are computed as it
+    is processed and returned, gathered from every process, under ``"panoptic_stats"``:
+    ``{"images": {image_id: PanopticStats}, "categories": {id: category}}`` (the sweep's size,
+    class and worst-case computations read them).
     """
+
+    def __init__(self, dataset_name, output_dir=None, per_image_stats: bool = False):
+        super().__init__(dataset_name, output_dir)
+        self._per_image_stats = per_image_stats
+        self._gt = None
+        self._image_stats = {}
+
+    def reset(self):
+        super().reset()
+        self._image_stats = {}
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        if not self._per_image_stats:
+            return
+        if self._gt is None:
+            self._gt = load_panoptic_gt(self._metadata.panoptic_json)
+        for p in self._predictions[start:]:
+            ann = self._gt["annotations"].get(p["image_id"])
+            if ann is None:
+                raise KeyError(
+                    f"image {p['image_id']!r} is not in {self._metadata.panoptic_json}"
+                )
+            with open(os.path.join(self._metadata.panoptic_root, ann["file_name"]), "rb") as f:
+                gt_ids = panoptic_ids_from_png(f.read())
+            pred_ids = panoptic_ids_from_png(p["png_string"])
+            stats = image_panoptic_stats(gt_ids, ann["segments_info"], pred_ids, p["segments_info"])
+            self._image_stats[p["image_id"]] = stats
+
+    def _gathered_stats(self):
+        images = {}
+        for part in comm.all_gather(self._image_stats):
+            images.update(part)
+        if self._gt is None:
+            self._gt = load_panoptic_gt(self._metadata.panoptic_json)
+        return {"images": images, "categories": self._gt["categories"]}
 
     def evaluate(self):
         comm.synchronize()
         scored = set(itertools.chain(*comm.all_gather([p["image_id"] for p in self._predictions])))
+        stats = self._gathered_stats() if self._per_image_stats else None
         if not scored:  # every rank knows: no collective call is left waiting
             logger.warning("No image was scored; PQ is undefined.")
             return OrderedDict({"panoptic_seg": {}}) if comm.is_main_process() else None
         if not comm.is_main_process():
             return super().evaluate()
+        results = self._evaluate_subset(scored)
+        if stats is not None and results is not None:
+            results["panoptic_stats"] = stats
+        return results
+
+    def _evaluate_subset(self, scored):
         with open(self._metadata.panoptic_json) as f:
             gt = json.load(f)
         gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in scored]
@@ -194,7 +244,9 @@ _SEM_SEG_TYPES = ("sem_seg", "cityscapes_sem_seg")
 _INSTANCE_TYPES = ("coco", "cityscapes_instance", "lvis")
 
 
-def build_task_evaluator(dataset_name: str, task: str, output_dir=None) -> DatasetEvaluator:
+def build_task_evaluator(
+    dataset_name: str, task: str, output_dir=None, per_image_stats: bool = False
+) -> DatasetEvaluator:
     """The evaluator of ``task`` ("panoptic_seg", "sem_seg", "instances") on a data set, chosen
     the detectron2 way from its metadata's ``evaluator_type``. Cityscapes' own semantic and
     instance evaluators are replaced by detectron2's generic ones (SemSegEvaluator,
@@ -206,7 +258,7 @@ def build_task_evaluator(dataset_name: str, task: str, output_dir=None) -> Datas
     meta = MetadataCatalog.get(dataset_name)
     kind = meta.get("evaluator_type", None)
     if task == "panoptic_seg" and kind in _PANOPTIC_TYPES:
-        return PanopticSubsetEvaluator(dataset_name, output_dir)
+        return PanopticSubsetEvaluator(dataset_name, output_dir, per_image_stats=per_image_stats)
     if task == "sem_seg" and kind in _SEM_SEG_TYPES:
         return LabelSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
     if task == "sem_seg" and kind in _PANOPTIC_TYPES and meta.get("stuff_classes", None):
