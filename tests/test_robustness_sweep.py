@@ -21,6 +21,7 @@ from upsnet_robust.attacks.objectives import (
     build_objective,
 )
 from upsnet_robust.data import build_panoptic_mapper
+from upsnet_robust.evaluation.panoptic_stats import PanopticStats, load_image_stats
 from upsnet_robust.evaluation import (
     AdversarialInference,
     MultiVariantEvaluator,
@@ -186,6 +187,7 @@ def test_sweep_outputs_resume_and_invalidation(synthetic_cityscapes_names, weigh
     _mark_cached_records(passes[-1], passes[1])
     second = run_robustness_sweep(cfg, model)
     assert _scores(second["cells"]) == _scores(first["cells"])
+    _check_image_stats(passes, second["cells"])
     finished = _pass_cells(second["cells"], passes[-1])
     assert [c["attack_s_per_image"] for c in finished] == [1000.0, 1000.0]  # both from the cache
     half = _pass_cells(second["cells"], passes[1])
@@ -201,6 +203,22 @@ def test_sweep_outputs_resume_and_invalidation(synthetic_cityscapes_names, weigh
     cfg2.defrost()
     cfg2.MODEL.UPSNET.STUFF_AREA_LIMIT += 1
     assert fingerprint(cfg2, weights) != fingerprint(cfg, weights)
+
+
+def _check_image_stats(pass_dirs, cells):
+    """Each pass keeps per-image PQ sums per defense; summed, they give its cells' PQ (also
+    for a resumed pass, whose stored images were scored from the cache)."""
+    for pass_dir in pass_dirs:
+        stored = load_image_stats(pass_dir)
+        pass_cells = _pass_cells(cells, pass_dir)
+        assert stored is not None and set(stored) == {c["defense"] for c in pass_cells}
+        for cell in pass_cells:
+            block = stored[cell["defense"]]
+            assert len(block["images"]) == cell["num_images"]
+            total = PanopticStats.total(block["images"].values())
+            summary = total.summary(block["categories"])
+            assert summary["PQ"]["PQ"] == pytest.approx(cell["PQ"], abs=1e-9)
+            assert summary["things"]["PQ"] == pytest.approx(cell["PQ_th"], abs=1e-9)
 
 
 def _pass_cells(cells, pass_dir):

@@ -20,6 +20,7 @@ A TP or FN counts in the bucket of its ground-truth segment's area, a FP in that
 """
 import io
 import json
+import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Mapping, Optional
 
@@ -29,7 +30,9 @@ __all__ = [
     "SIZE_BUCKETS",
     "PanopticStats",
     "image_panoptic_stats",
+    "load_image_stats",
     "load_panoptic_gt",
+    "save_image_stats",
     "panoptic_ids_from_png",
     "size_bucket",
 ]
@@ -241,4 +244,38 @@ def load_panoptic_gt(panoptic_json: str) -> Dict:
     return {
         "annotations": {a["image_id"]: a for a in data["annotations"]},
         "categories": {int(c["id"]): c for c in data["categories"]},
+    }
+
+
+IMAGE_STATS_FILE = "image_stats.json"
+
+
+def save_image_stats(directory: str, per_defense: Mapping[str, Mapping]) -> str:
+    """Write a pass's per-image statistics, ``{defense: {"images": {image_id: PanopticStats},
+    "categories": {id: category}}}``, to ``<directory>/image_stats.json`` (atomically)."""
+    from ..utils.io import atomic_json
+
+    data = {
+        d: {
+            "categories": {str(c): info for c, info in block["categories"].items()},
+            "images": {str(i): st.to_dict() for i, st in block["images"].items()},
+        }
+        for d, block in per_defense.items()
+    }
+    return atomic_json(os.path.join(directory, IMAGE_STATS_FILE), data, indent=None)
+
+
+def load_image_stats(directory: str) -> Optional[Dict[str, Dict]]:
+    """What :func:`save_image_stats` wrote in ``directory`` (image ids as strings), or None."""
+    path = os.path.join(directory, IMAGE_STATS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    return {
+        d: {
+            "categories": {int(c): info for c, info in block["categories"].items()},
+            "images": {i: PanopticStats.from_dict(st) for i, st in block["images"].items()},
+        }
+        for d, block in data.items()
     }

@@ -33,6 +33,7 @@ from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import amp_dtype
+from .panoptic_stats import save_image_stats
 from .robust_mapper import RobustMapper
 
 __all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
@@ -199,7 +200,7 @@ class RobustnessSweep:
         """The task's evaluator on the test set (COCO-format conversions cached once)."""
         folder = os.path.join(self.output_dir, "inference")
         os.makedirs(folder, exist_ok=True)
-        return build_task_evaluator(self.dataset_name, self.task, folder)
+        return build_task_evaluator(self.dataset_name, self.task, folder, per_image_stats=True)
 
     def run(self) -> List[Dict]:
         workers = self.cfg.ROBUSTNESS.DEFENSE_WORKERS
@@ -252,6 +253,14 @@ class RobustnessSweep:
         records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
         if not comm.is_main_process():
             return []
+        # per-image PQ sums of each defense (panoptic tasks): kept beside the pass's cells
+        stats = {
+            d: results[d].pop("panoptic_stats")
+            for d in defense_names
+            if "panoptic_stats" in (results.get(d) or {})
+        }
+        if stats:
+            save_image_stats(pass_dir, stats)
         return self._cells(spec, attack, results, records)
 
     def _example_hook(self, spec: Dict):
