@@ -33,7 +33,7 @@ from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import amp_dtype
-from .robust_mapper import RobustMapper
+from .robust_mapper import RobustMapper, objective_needs_segments
 
 __all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
 
@@ -143,7 +143,10 @@ class RobustnessSweep:
 
     def _loader(self):
         mapper = self.mapper or self.adapter.test_mapper(self.cfg)
-        mapper = RobustMapper(mapper or DatasetMapper(self.cfg, is_train=False))
+        mapper = RobustMapper(
+            mapper or DatasetMapper(self.cfg, is_train=False),
+            panoptic_segments=objective_needs_segments(self.cfg.ROBUSTNESS.OBJECTIVE),
+        )
         return build_detection_test_loader(
             self._dataset(),
             mapper=mapper,

@@ -34,7 +34,7 @@ from .adversarial_inference import AdversarialInference
 from .checks import check_dataset_registered, check_sweep_attacks, objective_for
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import HookSettings
-from .robust_mapper import RobustMapper
+from .robust_mapper import RobustMapper, objective_needs_segments
 from .sweep import fingerprint
 
 __all__ = ["TransferModel", "TransferStudy", "image_key"]
@@ -155,7 +155,12 @@ class TransferStudy:
                 output_keys=(source.adapter.task,),
             )  # fmt: skip
             loader = build_detection_test_loader(
-                todo, mapper=RobustMapper(source.mapper), batch_size=r.BATCH_SIZE, num_workers=0
+                todo,
+                mapper=RobustMapper(
+                    source.mapper, panoptic_segments=objective_needs_segments(r.OBJECTIVE)
+                ),
+                batch_size=r.BATCH_SIZE,
+                num_workers=0,
             )
             inference_on_dataset(hook, loader, DatasetEvaluators([]))
         comm.synchronize()
