@@ -59,6 +59,12 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.APGD_MOMENTUM = 0.75  # alpha: weight of the new step vs the previous move
     _C.ROBUSTNESS.APGD_RADIUS_SCHEDULE = False  # 30/30/40 % of the iterations at 2, 1.5, 1 x eps
     _C.ROBUSTNESS.SEED = 0  # seeds random starts and proposal sampling, per image
+    # Early stopping of iterative attacks (PGD family, SegPGD, CosPGD, MI-FGSM, APGD) with an
+    # untargeted dense objective: an image stops once none of its labelled pixels is classified
+    # correctly (read from the attack's own forward pass) and keeps that point; a batch stops when
+    # all its images have. Saves passes; off keeps the study's protocol and caches (when on, it
+    # is part of each pass's key). Rejected at set-up with other objectives and ADAPTIVE.
+    _C.ROBUSTNESS.EARLY_STOP = False
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
     # Round adversarial images to uint8 before defense / model (wipes out eps < 1 if True).

@@ -27,6 +27,8 @@ from . import objectives
 from .objectives import *  # noqa: F401,F403  (objectives, OBJECTIVE_REGISTRY, build_objective)
 from . import dense_objectives  # registers masked_ce, balanced_masked_ce, js_divergence, ...
 from .dense_objectives import *  # noqa: F401,F403
+from . import segment_objective  # registers segment
+from .segment_objective import *  # noqa: F401,F403
 
 __all__ = [
     "APGD",
@@ -58,3 +60,4 @@ __all__ = [
 ]
 __all__ += objectives.__all__
 __all__ += dense_objectives.__all__
+__all__ += segment_objective.__all__

@@ -108,12 +108,18 @@ class APGD(Attack):
     With ``restarts`` > 1 the whole run is repeated (new random starts) and, per image, the run
     with the highest best value is kept (no extra model call: the values are known).
 
+    With ``early_stop`` (see :class:`Attack`), the criterion is checked in the last stage only
+    (the one at eps, whose points are candidates): an image with no labelled pixel still correct
+    at the current iterate stops there, and that point, not the best by objective value, is its
+    result (by the criterion nothing can beat it); it is skipped by the remaining restarts.
+
     ``trace`` holds, after :meth:`perturb`, one dict per restart and stage: ``radius`` (N,),
     ``checkpoints``, ``step_size`` (iterations, N), the step used at each iteration, and
     ``halved`` (checkpoints, N) bool, the decisions.
     """
 
     name = "apgd"
+    supports_early_stop = True
 
     @configurable
     def __init__(
@@ -127,6 +133,7 @@ class APGD(Attack):
         random_start: bool = False,
         restarts: int = 1,
         generator=None,
+        early_stop: bool = False,
     ):
         """
         Args:
@@ -142,8 +149,11 @@ class APGD(Attack):
             restarts (int): independent runs; the per-image best is kept.
             generator (torch.Generator or list[torch.Generator], optional): randomness of the
                 starts; a list holds one generator per image (see :meth:`Attack.manual_seed`).
+            early_stop (bool): stop an image once none of its labelled pixels is correct (needs
+                an untargeted dense objective).
         """
         super().__init__(eps, generator=generator)
+        self.early_stop = bool(early_stop)
         self.num_steps = DEFAULT_NUM_STEPS if num_steps is None else _check_num_steps(num_steps)
         self.rho = _check_fraction(rho, "rho", low_open=False)
         self.momentum = _check_fraction(momentum, "momentum", low_open=True)
@@ -177,6 +187,7 @@ class APGD(Attack):
             "random_start": r.RANDOM_START,
             "restarts": r.RESTARTS,
             "generator": _cfg_generator(cfg),
+            "early_stop": r.EARLY_STOP,
         }
 
     def describe(self) -> dict:
@@ -192,6 +203,8 @@ class APGD(Attack):
             "rho": self.rho,
             "momentum": self.momentum,
             "radius_schedule": self.radius_schedule,
+            # only when on: passes without it keep their cache keys
+            **({"early_stop": True} if self.early_stop else {}),
         }
 
     # ----------------------------------------------------------------------------------------
@@ -199,31 +212,45 @@ class APGD(Attack):
         x = self._prepare(images)
         if not callable(objective):
             raise TypeError(f"The objective must be callable, got {type(objective).__name__}")
+        self._check_early_stop(objective)
+        self._begin_passes(x)
+        try:
+            return self._restarts(x, objective)
+        finally:
+            self._end_passes()
+
+    def _restarts(self, x: torch.Tensor, objective) -> torch.Tensor:
         eps = self._eps_tensor(x)
         view = (-1,) + (1,) * (x.dim() - 1)
         self.trace = []
         best, best_value = None, None
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            adv, value = self._run(x, objective, eps)
+            if self.early_stop and bool(done.all()):
+                break
+            adv, value, now_done = self._run(x, objective, eps, done)
             if best is None:
                 best, best_value = adv, value
             else:
-                better = value > best_value
+                better = ((value > best_value) & ~done) | (now_done & ~done)
                 best = torch.where(better.view(view), adv, best)
                 best_value = torch.where(better, value, best_value)
+            done = now_done
         return best
 
     # ----------------------------------------------------------------------------------------
-    def _run(self, x, objective, eps) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One run (all stages) from a fresh start; returns the best point and its value."""
+    def _run(self, x, objective, eps, done):
+        """One run (all stages) from a fresh start; returns the best point, its value and the
+        (N,) bool mask of stopped images (``done``: stopped before, they do not move)."""
         stages = radius_stages(self.num_steps, self.radius_schedule)
         point = self._start(x, eps * stages[0][0])
         value = None
-        for factor, num_steps in stages:
+        for j, (factor, num_steps) in enumerate(stages):
             radius = eps * factor
             start = project_linf(point, x, radius)
-            point, value = self._stage(x, objective, radius, num_steps, start)
-        return point, value
+            check = self.early_stop and j == len(stages) - 1
+            point, value, stopped = self._stage(x, objective, radius, num_steps, start, done, check)
+        return point, value, stopped
 
     def _start(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
@@ -255,14 +282,20 @@ class APGD(Attack):
             value = objective(point)
         return self._values(value, point)
 
-    def _stage(self, x, objective, radius, num_steps, start):
-        """One APGD run of ``num_steps`` iterations in the ball of ``radius`` (N,)."""
+    def _stage(self, x, objective, radius, num_steps, start, done, check):
+        """One APGD run of ``num_steps`` iterations in the ball of ``radius`` (N,). Images of
+        ``done`` do not move; with ``check`` (early stopping), an image with nothing left to
+        break stops at that point, which becomes its best. Returns the best points, their
+        values and the (N,) bool mask of stopped images."""
         view = (-1,) + (1,) * (x.dim() - 1)
         checkpoints = apgd_checkpoints(num_steps)
         alpha = self.momentum
         eta = self.initial_step * radius
         cur = prev = start
+        self._count_passes(~done)
         value, grad = self._value_and_gradient(objective, cur)
+        if check:
+            done = done | self._nothing_left(objective, x.shape[0])
         best, best_value, best_grad = cur, value, grad
         last_value = value  # f at the point the next step starts from
         successes = torch.zeros_like(value, dtype=torch.long)
@@ -272,18 +305,28 @@ class APGD(Attack):
         record = {"radius": radius.detach().cpu(), "checkpoints": checkpoints}
         steps, decisions = [], []
         for k in range(1, num_steps + 1):
+            if self.early_stop and bool(done.all()):
+                break  # nothing left to break in the batch: the saved passes
             steps.append(eta)
             z = project_linf(cur + eta.view(view) * grad.sign(), x, radius)
             if k > 1:
                 z = project_linf(cur + alpha * (z - cur) + (1 - alpha) * (cur - prev), x, radius)
+            if self.early_stop:
+                z = torch.where(done.view(view), cur, z)  # stopped images stay where they are
             prev, cur = cur, z
             if k < num_steps:
+                self._count_passes(~done)
                 value, grad = self._value_and_gradient(objective, cur)
             else:
                 value = self._value_only(objective, cur)
             successes += value > last_value
             last_value = value
             better = value > best_value
+            if self.early_stop:
+                better = better & ~done
+                if check:
+                    stopped = self._nothing_left(objective, x.shape[0]) & ~done
+                    better, done = better | stopped, done | stopped
             best = torch.where(better.view(view), cur, best)
             best_value = torch.where(better, value, best_value)
             if k < num_steps:
@@ -299,11 +342,10 @@ class APGD(Attack):
                 last_value = torch.where(halve, best_value, last_value)
                 halved_before, checked_best, last_check = halve, best_value, k
                 successes = torch.zeros_like(successes)
-        record["step_size"] = torch.stack(steps).cpu()  # one device sync per stage
+        n = x.shape[0]
+        record["step_size"] = torch.stack(steps).cpu() if steps else torch.zeros(0, n)
         record["halved"] = (
-            torch.stack(decisions).cpu()
-            if decisions
-            else torch.zeros(0, x.shape[0], dtype=torch.bool)
+            torch.stack(decisions).cpu() if decisions else torch.zeros(0, n, dtype=torch.bool)
         )
         self.trace.append(record)
-        return best, best_value
+        return best, best_value, done

@@ -205,7 +205,17 @@ class Attack:
     Subclasses implement :meth:`perturb`. Counters ``num_forward_backward`` (objective plus
     gradient evaluations) and ``num_forward`` (objective-only evaluations, e.g. scoring
     restarts) accumulate over calls so benchmarks can report cost per image and per iteration;
-    :meth:`reset_counters` zeroes them.
+    :meth:`reset_counters` zeroes them. Those count batch passes; ``image_passes`` ((N,) long,
+    of the last :meth:`perturb`) counts, per image, the forward-backward passes the image still
+    needed (it was not finished: steps left, not early-stopped), i.e. what it would have cost
+    attacked alone, and ``num_image_passes`` accumulates their sum over calls.
+
+    Early stopping (``early_stop``, ``ROBUSTNESS.EARLY_STOP``; attacks with
+    ``supports_early_stop``): an image stops once none of its labelled pixels is classified
+    correctly at the current point, read from the forward pass the attack makes anyway (the
+    objective's ``correct_pixels``, recorded by untargeted dense objectives). Its steps are then
+    masked and the point where it stopped is its result; when every image of the batch has
+    stopped the loop ends, which is what saves passes.
 
     Attributes:
         name (str): the name in ``ATTACK_REGISTRY`` (reported by :meth:`describe`).
@@ -218,6 +228,8 @@ class Attack:
     #: True for attacks that build their own per-pixel loss from the objective's
     #: ``logits_and_targets`` (SegPGD, CosPGD): they need an untargeted dense objective.
     needs_dense_objective: bool = False
+    #: True for attacks that implement early stopping (iterative attacks).
+    supports_early_stop: bool = False
 
     def __init__(self, eps: EpsLike, generator: GeneratorLike = None):
         """
@@ -233,6 +245,9 @@ class Attack:
         self.generator = generator
         self.num_forward_backward = 0
         self.num_forward = 0
+        self.num_image_passes = 0
+        self.image_passes: Optional[torch.Tensor] = None
+        self.early_stop = False
 
     @classmethod
     def from_config(cls, cfg, eps) -> dict:
@@ -283,6 +298,7 @@ class Attack:
     def reset_counters(self) -> None:
         self.num_forward_backward = 0
         self.num_forward = 0
+        self.num_image_passes = 0
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "name")
@@ -314,6 +330,38 @@ class Attack:
     def _gradient(self, objective, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.num_forward_backward += 1
         return objective_gradient(objective, x)
+
+    # ---------------------------------------------------------------- pass counts, early stop
+    def _begin_passes(self, x: torch.Tensor) -> None:
+        self.image_passes = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def _count_passes(self, active: torch.Tensor) -> None:
+        """One forward-backward pass for the images of the (N,) bool mask ``active``."""
+        self.image_passes += active.to(torch.long)
+
+    def _end_passes(self) -> None:
+        self.num_image_passes += int(self.image_passes.sum())
+
+    def _check_early_stop(self, objective) -> None:
+        """With ``early_stop``, the objective must record ``correct_pixels``."""
+        if self.early_stop and not getattr(objective, "supports_early_stop", False):
+            name = getattr(objective, "name", None) or type(objective).__name__
+            raise ValueError(
+                f"{type(self).__name__} ({self.name}) with early stopping (ROBUSTNESS.EARLY_STOP) "
+                f"needs an untargeted dense objective, which records the labelled pixels still "
+                f"classified correctly (semantic_ce, masked_ce, ..., segment); objective "
+                f"{name!r} does not. Set ROBUSTNESS.EARLY_STOP False or change the objective."
+            )
+
+    def _nothing_left(self, objective, n: int) -> torch.Tensor:
+        """(N,) bool: images none of whose labelled pixels was correct at the last evaluation."""
+        counts = objective.correct_pixels
+        if counts is None or counts.numel() != n:
+            raise RuntimeError(
+                f"{type(self).__name__}: the objective recorded no correct-pixel counts for the "
+                f"batch of {n} (early stopping reads them from its last evaluation)"
+            )
+        return counts.reshape(-1).to(self.image_passes.device) == 0
 
     def _uniform(self, x: torch.Tensor) -> torch.Tensor:
         """U[0, 1) noise shaped like ``x``, drawn on the generator's device then moved.

@@ -36,6 +36,9 @@ class FGSM(Attack):
 
     def perturb(self, images: torch.Tensor, objective) -> torch.Tensor:
         x = self._prepare(images)
+        self._begin_passes(x)  # one pass per image; nothing to stop early
+        self._count_passes(torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
         _, grad = self._gradient(objective, x)
+        self._end_passes()
         eps = self._eps_tensor(x).reshape(-1, *([1] * (x.dim() - 1)))
         return project_linf(x + eps * grad.sign(), x, self.eps)

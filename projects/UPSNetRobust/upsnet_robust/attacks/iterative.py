@@ -76,9 +76,13 @@ class PGD(Attack):
     clipping x + U(-eps, eps) (which piles mass on 0 and 255); it is one
     ``torch.rand(images.shape)`` from ``generator`` per restart (or one ``torch.rand`` of an
     image's shape from each per-image generator).
+
+    With ``early_stop`` (see :class:`Attack`), an image that has stopped keeps the point where it
+    stopped, is skipped by the remaining restarts and always wins the restart ranking.
     """
 
     name = "pgd"
+    supports_early_stop = True
 
     @configurable
     def __init__(
@@ -89,6 +93,7 @@ class PGD(Attack):
         random_start: bool = False,
         restarts: int = 1,
         generator=None,
+        early_stop: bool = False,
     ):
         """
         Args:
@@ -100,8 +105,11 @@ class PGD(Attack):
             restarts (int): independent runs; the per-image best final objective is kept.
             generator (torch.Generator or list[torch.Generator], optional): randomness of the
                 starts; a list holds one generator per image (see :meth:`Attack.manual_seed`).
+            early_stop (bool): stop an image once none of its labelled pixels is correct (needs
+                an untargeted dense objective; see :class:`Attack`).
         """
         super().__init__(eps, generator=generator)
+        self.early_stop = bool(early_stop)
         self.step_size = None if step_size is None else check_eps(step_size, "step_size")
         self.num_steps = _check_num_steps(num_steps)
         self.random_start = bool(random_start)
@@ -123,27 +131,45 @@ class PGD(Attack):
             "random_start": cfg.ROBUSTNESS.RANDOM_START,
             "restarts": cfg.ROBUSTNESS.RESTARTS,
             "generator": _cfg_generator(cfg),
+            "early_stop": cfg.ROBUSTNESS.EARLY_STOP,
         }
 
     # ----------------------------------------------------------------------------------------
     def perturb(self, images: torch.Tensor, objective) -> torch.Tensor:
         x = self._prepare(images)
         self._check_objective(objective)
+        self._check_early_stop(objective)
+        self._begin_passes(x)
+        try:
+            return self._restarts(x, objective)
+        finally:
+            self._end_passes()
+
+    def _restarts(self, x: torch.Tensor, objective) -> torch.Tensor:
+        """The runs; per image the best final value, or the point where it stopped early."""
         eps = self._eps_tensor(x)
         steps = self._steps_per_image(eps)
         alpha = self._step_sizes(eps, steps)
         best, best_value = None, None
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            adv = self._run(x, objective, eps, steps, alpha)
+            if self.early_stop and bool(done.all()):
+                break
+            adv, now_done = self._run(x, objective, eps, steps, alpha, done)
             if self.restarts == 1:
                 return adv
-            value = self._final_value(objective, adv, steps)
+            stopped = now_done & ~done  # stopped in this run: its point is the result
+            if self.early_stop and bool(now_done.all()):  # no ranking needed
+                value = best_value if best is not None else torch.zeros_like(eps)
+            else:
+                value = self._final_value(objective, adv, steps)
             if best is None:
                 best, best_value = adv, value
             else:
-                better = value > best_value
+                better = ((value > best_value) & ~done) | stopped
                 best = torch.where(better.view(-1, 1, 1, 1), adv, best)
                 best_value = torch.where(better, value, best_value)
+            done = now_done
         return best
 
     def describe(self) -> dict:
@@ -158,6 +184,8 @@ class PGD(Attack):
             "step_size": alpha.tolist() if per_image else float(alpha[0]),
             "random_start": self.random_start,
             "restarts": self.restarts,
+            # only when on: passes without it keep their cache keys
+            **({"early_stop": True} if self.early_stop else {}),
         }
 
     # ----------------------------------------------------------------------------------------
@@ -197,20 +225,29 @@ class PGD(Attack):
         """Ascent direction; PGD/I-FGSM take the sign of the gradient (L-inf steepest ascent)."""
         return grad.sign()
 
-    def _run(self, x, objective, eps, steps, alpha) -> torch.Tensor:
-        """One run from a (possibly random) start; images whose T is reached stop moving."""
+    def _run(self, x, objective, eps, steps, alpha, done=None):
+        """One run from a (possibly random) start; images whose T is reached stop moving, as
+        do (early stopping) the images of ``done`` and those with no correct pixel left.
+        Returns the final points and the (N,) bool mask of stopped images."""
         view = (-1,) + (1,) * (x.dim() - 1)
         adv = self._start(x, eps)
         state = self._init_state(x)
+        if done is None:
+            done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for t in range(1, int(steps.max()) + 1):
+            if self.early_stop and bool(done.all()):
+                break  # nothing left to break in the batch: the saved passes
+            active = (steps >= t) & ~done
+            self._count_passes(active)
             value, grad = self._gradient(self._objective_at(objective, t, steps), adv)
             if t == 1:
                 self._check_values(value, x)
-            active = (steps >= t).to(x.dtype)
-            adv = project_linf(
-                adv + (alpha * active).view(view) * self._direction(grad, state), x, eps
-            )
-        return adv
+            if self.early_stop:
+                done = done | self._nothing_left(objective, x.shape[0])
+                active = active & ~done
+            step = (alpha * active.to(x.dtype)).view(view) * self._direction(grad, state)
+            adv = project_linf(adv + step, x, eps)
+        return adv, done
 
     def _check_values(self, value: torch.Tensor, x: torch.Tensor) -> None:
         if self.restarts > 1 and value.dim() == 0 and x.shape[0] > 1:
@@ -237,13 +274,14 @@ class IFGSM(PGD):
     name = "ifgsm"
 
     @configurable
-    def __init__(self, eps, step_size=1.0, num_steps=None, generator=None):
+    def __init__(self, eps, step_size=1.0, num_steps=None, generator=None, early_stop=False):
         """
         Args:
             eps (float or Tensor): L-inf budget (0-255 scale), or a (N,) tensor per image.
             step_size (float or None): alpha; None -> 1 (one grey level per step).
             num_steps (int or None): T; None -> Kurakin's rule.
             generator (torch.Generator, optional): unused (deterministic); kept for symmetry.
+            early_stop (bool): see :class:`PGD`.
         """
         super().__init__(
             eps,
@@ -252,6 +290,7 @@ class IFGSM(PGD):
             random_start=False,
             restarts=1,
             generator=generator,
+            early_stop=early_stop,
         )
 
     @classmethod
@@ -260,6 +299,7 @@ class IFGSM(PGD):
             "eps": eps,
             "step_size": _cfg_step_size(cfg, default=1.0),
             "num_steps": _cfg_num_steps(cfg),
+            "early_stop": cfg.ROBUSTNESS.EARLY_STOP,
         }
 
 

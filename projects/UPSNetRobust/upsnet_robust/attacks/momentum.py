@@ -25,7 +25,9 @@ class MIFGSM(PGD):
     name = "mifgsm"
 
     @configurable
-    def __init__(self, eps, num_steps=10, decay=1.0, step_size=None, generator=None):
+    def __init__(
+        self, eps, num_steps=10, decay=1.0, step_size=None, generator=None, early_stop=False
+    ):
         """
         Args:
             eps (float or Tensor): L-inf budget (0-255 scale), or a (N,) tensor per image.
@@ -33,6 +35,7 @@ class MIFGSM(PGD):
             decay (float): the momentum mu >= 0 (mu = 0 is I-FGSM with alpha = eps / T).
             step_size (float or None): alpha; None -> eps / T.
             generator (torch.Generator, optional): unused (deterministic); kept for symmetry.
+            early_stop (bool): see :class:`PGD`.
         """
         super().__init__(
             eps,
@@ -41,6 +44,7 @@ class MIFGSM(PGD):
             random_start=False,
             restarts=1,
             generator=generator,
+            early_stop=early_stop,
         )
         decay = float(decay)
         if not math.isfinite(decay) or decay < 0:
@@ -54,6 +58,7 @@ class MIFGSM(PGD):
             "num_steps": _cfg_num_steps(cfg, default=10),
             "decay": cfg.ROBUSTNESS.MOMENTUM,
             "step_size": _cfg_step_size(cfg),
+            "early_stop": cfg.ROBUSTNESS.EARLY_STOP,
         }
 
     def describe(self) -> dict:

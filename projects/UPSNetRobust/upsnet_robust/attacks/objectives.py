@@ -186,16 +186,38 @@ class DenseObjective(_Objective):
 
     requires = DENSE_LOGITS
     dense = True
+    #: records ``correct_pixels`` at every call (early stopping reads it); False for targeted
+    #: objectives, whose targets are not the classes to break.
+    supports_early_stop = True
+
+    def __init__(self, model, batched_inputs: List[Dict], seed: int = 0, batched: bool = False):
+        super().__init__(model, batched_inputs, seed, batched)
+        self._correct: List = [None] * len(self.inputs)
 
     @property
     def ignore_value(self) -> int:
         return self.adapter.ignore_value
+
+    @property
+    def correct_pixels(self):
+        """(N,) long: per image, the labelled pixels (target != ignore) whose argmax is their
+        target at the last evaluation (a call or ``logits_and_targets``); None before any."""
+        if any(c is None for c in self._correct):
+            return None
+        return torch.stack(self._correct)
+
+    def _record(self, logits: torch.Tensor, i: int) -> None:
+        target = self.targets(i)
+        right = (logits.detach().argmax(dim=0) == target) & (target != self.ignore_value)
+        self._correct[i] = right.sum()
 
     def targets(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
     def logits_and_targets(self, x: torch.Tensor):
         logits = self._logits(x)
+        for i, l in enumerate(logits):
+            self._record(l, i)
         height, width = x.shape[-2:]
         # a padded batch: pad logits with zeros and targets with the ignore label
         logits = torch.stack(
@@ -217,10 +239,15 @@ class DenseObjective(_Objective):
 
     def single(self, image, i):
         (logits,) = self.adapter.dense_logits([self.crop(image, i)])
+        self._record(logits, i)
         return self.pixel_loss(logits, i)
 
     def batch(self, x):
-        return torch.stack([self.pixel_loss(l, i) for i, l in enumerate(self._logits(x))])
+        values = []
+        for i, l in enumerate(self._logits(x)):
+            self._record(l, i)
+            values.append(self.pixel_loss(l, i))
+        return torch.stack(values)
 
     def pixel_loss(self, logits: torch.Tensor, i: int) -> torch.Tensor:
         """The image's value from its (C, h, w) logits (default: mean cross-entropy to the
@@ -279,6 +306,8 @@ class LeastLikelyObjective(DenseObjective):
     NEGATIVE cross-entropy to it, so maximising it pulls every pixel towards its least-likely
     class. For UPSNet, stuff, instance (Y + M) and unknown panoptic channels are all built from
     the semantic logits, so the panoptic output follows."""
+
+    supports_early_stop = False
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
         super().__init__(model, batched_inputs, seed, batched)

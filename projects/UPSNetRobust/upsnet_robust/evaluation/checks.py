@@ -10,6 +10,7 @@ from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set
 
 __all__ = [
     "check_attack_objective",
+    "check_early_stop",
     "check_dataset_registered",
     "check_sweep_attacks",
     "objective_for",
@@ -106,3 +107,36 @@ def check_sweep_attacks(
     for name in attacks:
         if name not in skip:
             check_attack_objective(adapter, name, objective)
+
+
+def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
+    """ROBUSTNESS.EARLY_STOP needs an untargeted dense objective (it reads which labelled pixels
+    are still correct) and an undefended objective (not ROBUSTNESS.ADAPTIVE); attacks without
+    iterations to save (fgsm) ignore it.
+
+    Raises:
+        ValueError: naming the attack and objective, and what to set instead.
+    """
+    r = cfg.ROBUSTNESS
+    if not r.EARLY_STOP:
+        return
+    if r.ADAPTIVE:
+        raise ValueError(
+            "ROBUSTNESS.EARLY_STOP reads the undefended model's dense logits; it cannot be "
+            "combined with ROBUSTNESS.ADAPTIVE (attacks on model o defense). Turn one off."
+        )
+    from ..attacks.objectives import OBJECTIVE_REGISTRY
+
+    usable = [n for n, c in sorted(OBJECTIVE_REGISTRY) if getattr(c, "supports_early_stop", False)]
+    for name in r.ATTACKS:
+        if name in skip or not getattr(attack_class(name), "supports_early_stop", False):
+            continue
+        objective = objective_for(name, r.OBJECTIVE)
+        if not getattr(objective_class(objective), "supports_early_stop", False):
+            raise ValueError(
+                f"ROBUSTNESS.EARLY_STOP: attack {name!r} runs with objective {objective!r}, "
+                f"which is not an untargeted dense objective (early stopping needs to know which "
+                f"labelled pixels are still correct). Use ROBUSTNESS.OBJECTIVE one of "
+                f"{', '.join(usable)}, or set ROBUSTNESS.EARLY_STOP False"
+                + (" (ILLC is targeted: leave it out)" if name == "illc" else "")
+            )

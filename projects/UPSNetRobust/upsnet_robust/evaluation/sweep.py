@@ -30,11 +30,11 @@ from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
 from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
-from .checks import check_dataset_registered, check_sweep_attacks
+from .checks import check_dataset_registered, check_early_stop, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import amp_dtype
 from .panoptic_stats import save_image_stats
-from .robust_mapper import RobustMapper
+from .robust_mapper import RobustMapper, objective_needs_segments
 
 __all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
 
@@ -118,6 +118,7 @@ class RobustnessSweep:
         self.adapter = adapter if adapter is not None else build_adapter(cfg, model)
         self.task = self.adapter.task
         check_sweep_attacks(self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        check_early_stop(cfg)
         self.output_dir = output_dir
         self.on_example = on_example
         self._defense_workers = None
@@ -144,7 +145,10 @@ class RobustnessSweep:
 
     def _loader(self):
         mapper = self.mapper or self.adapter.test_mapper(self.cfg)
-        mapper = RobustMapper(mapper or DatasetMapper(self.cfg, is_train=False))
+        mapper = RobustMapper(
+            mapper or DatasetMapper(self.cfg, is_train=False),
+            panoptic_segments=objective_needs_segments(self.cfg.ROBUSTNESS.OBJECTIVE),
+        )
         return build_detection_test_loader(
             self._dataset(),
             mapper=mapper,

@@ -31,10 +31,10 @@ from ..defenses import build_defense_from_cfg
 from ..utils.io import atomic_json
 from ..utils.torch_io import atomic_torch_save
 from .adversarial_inference import AdversarialInference
-from .checks import check_dataset_registered, check_sweep_attacks, objective_for
+from .checks import check_dataset_registered, check_early_stop, check_sweep_attacks, objective_for
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import HookSettings
-from .robust_mapper import RobustMapper
+from .robust_mapper import RobustMapper, objective_needs_segments
 from .sweep import fingerprint
 
 __all__ = ["TransferModel", "TransferStudy", "image_key"]
@@ -66,6 +66,7 @@ class TransferModel:
         check_dataset_registered(self.dataset_name)
         self.adapter = build_adapter(cfg, model)
         check_sweep_attacks(self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        check_early_stop(cfg)
         self.mapper = mapper or self.adapter.test_mapper(cfg) or DatasetMapper(cfg, is_train=False)
         self.fingerprint = fingerprint(cfg, cfg.MODEL.WEIGHTS)
         names = list(OrderedDict.fromkeys(["none"] + list(cfg.ROBUSTNESS.DEFENSES)))
@@ -155,7 +156,12 @@ class TransferStudy:
                 output_keys=(source.adapter.task,),
             )  # fmt: skip
             loader = build_detection_test_loader(
-                todo, mapper=RobustMapper(source.mapper), batch_size=r.BATCH_SIZE, num_workers=0
+                todo,
+                mapper=RobustMapper(
+                    source.mapper, panoptic_segments=objective_needs_segments(r.OBJECTIVE)
+                ),
+                batch_size=r.BATCH_SIZE,
+                num_workers=0,
             )
             inference_on_dataset(hook, loader, DatasetEvaluators([]))
         comm.synchronize()
