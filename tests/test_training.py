@@ -123,6 +123,25 @@ def test_test_with_attack_scores_each_attack_and_eps(synthetic_cityscapes_names,
     assert res["sem_seg_fgsm_eps8"]["mIoU"] != res["sem_seg_fgsm_eps2"]["mIoU"]
 
 
+def test_test_with_attack_gives_the_objective_its_ground_truth(synthetic_cityscapes_names, tmp_path):
+    """The ``segment`` objective reads the panoptic segments, which the plain test mapper does
+    not give: the attacked evaluation's loader adds them, and the attack lowers PQ."""
+    name = synthetic_cityscapes_names["val"]
+    cfg = tiny_cfg(
+        "DATASETS.TEST", f"('{name}',)",
+        "OUTPUT_DIR", str(tmp_path),
+        "ROBUSTNESS.ATTACKS", "['fgsm']",
+        "ROBUSTNESS.EPSILONS", "[8.0]",
+        "ROBUSTNESS.OBJECTIVE", "segment",
+        *TRAIN_OPTS,
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    build_checkpointer(cfg, model).load(SHIPPED)
+    res = Trainer.test_with_attack(cfg, model)
+    clean = Trainer.test(cfg, model)["panoptic_seg"]["PQ"]
+    assert res["panoptic_seg_fgsm_eps8"]["PQ"] < clean, (clean, res)
+
+
 def test_defense_transform_in_the_dataset_mapper(synthetic_cityscapes_names):
     """Stored / transferred adversarial images: the defense runs as a mapper augmentation."""
     import cv2

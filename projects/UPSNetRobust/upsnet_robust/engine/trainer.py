@@ -8,7 +8,12 @@ import weakref
 
 import torch
 
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import (
@@ -22,6 +27,7 @@ from ..adapters.base import AdapterInference, adapter_class, build_adapter
 from ..attacks import build_attack
 from ..evaluation import AdversarialInference, MultiVariantEvaluator, PanopticSemSegEvaluator
 from ..evaluation.evaluators import build_task_evaluator
+from ..evaluation.robust_mapper import RobustMapper, objective_needs_segments
 from ..modeling import UPSNetCheckpointer
 
 __all__ = ["Trainer", "build_checkpointer"]
@@ -101,6 +107,17 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
+    def build_attack_loader(cls, cfg, dataset_name):
+        """The test loader of attacked evaluation: the adapter's test mapper plus the ground
+        truth the objective reads (e.g. the panoptic segments of ``segment``)."""
+        mapper = adapter_class(cfg.MODEL.META_ARCHITECTURE).test_mapper(cfg)
+        mapper = RobustMapper(
+            mapper or DatasetMapper(cfg, is_train=False),
+            panoptic_segments=objective_needs_segments(cfg.ROBUSTNESS.OBJECTIVE),
+        )
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
     def test(cls, cfg, model, evaluators=None):
         """detectron2's test, with predictions mapped to the data set's ids by the model's
         adapter (a model with its own label convention, like PanopticFPN, scores correctly)."""
@@ -126,7 +143,7 @@ class Trainer(DefaultTrainer):
         for dataset_name in cfg.DATASETS.TEST:
             # the data set's label convention (e.g. PanopticFPN's separated labels)
             adapter = adapter_class(model)(model, MetadataCatalog.get(dataset_name))
-            data_loader = cls.build_test_loader(cfg, dataset_name)
+            data_loader = cls.build_attack_loader(cfg, dataset_name)
             for attack_name in cfg.ROBUSTNESS.ATTACKS:
                 for eps in cfg.ROBUSTNESS.EPSILONS:
                     tag = f"{attack_name}_eps{eps:g}"
