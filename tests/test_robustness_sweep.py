@@ -173,6 +173,7 @@ def test_sweep_outputs_resume_and_invalidation(synthetic_cityscapes_names, weigh
     }
     ifgsm4 = next(c for c in cells if c["attack"] == "ifgsm" and c["eps"] == 4.0)
     assert ifgsm4["num_steps"] == 5 and ifgsm4["step_size"] == 1.0 and ifgsm4["num_images"] == 2
+    assert ifgsm4["attack_passes_per_image"] == 5  # one forward+backward per step and image
     assert len(glob.glob(os.path.join(out, "examples", "*.png"))) == 2 * 2 * cfg.ROBUSTNESS.NUM_EXAMPLES
 
     # Interrupt: forget one finished pass and one image of another, then run again. The kept

@@ -213,10 +213,13 @@ class AdversarialInference(nn.Module):
                 logger.warning("Skipping %s: %s", vx[0].get("file_name"), reason)
                 entries[valid[0]] = self._failed(records[valid[0]], reason)
                 return entries
-            for j in valid:
+            passes = getattr(self.attack, "image_passes", None)
+            for k, j in enumerate(valid):
                 records[j]["attack_s"] = seconds / len(vx)  # the batch's time, shared evenly
                 records[j]["attack_batch_size"] = len(vx)
                 records[j].update(stats)
+                if passes is not None:  # forward+backward passes this image needed
+                    records[j]["attack_passes"] = int(passes[k])
         if self.settings.quantize:
             advs = [a.round().clamp(0, 255) for a in advs]
         outputs, defended = self._defend_and_infer(vx, advs, [records[j] for j in valid])

@@ -305,6 +305,8 @@ class RobustnessSweep:
                 "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
                 **metrics,
                 "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
+                # forward+backward passes per image (fewer than the steps with early stopping)
+                "attack_passes_per_image": _mean([rec.get("attack_passes", 0) for rec in ok]),
                 "defense_s_per_image": _mean([rec["defense_s"][d] for rec in ok]),
                 "num_images": len(ok),
                 "num_failed": len(records) - len(ok),

@@ -113,6 +113,7 @@ class ResultCell:
     APm: Optional[float] = None
     APl: Optional[float] = None
     attack_s_per_image: Optional[float] = None
+    attack_passes_per_image: Optional[float] = None  # forward+backward passes per image
     defense_s_per_image: Optional[float] = None
     num_images: int = 0
     num_failed: int = 0
