@@ -295,7 +295,8 @@ def worst_case_figure(cells: Sequence[CellLike]):
         ax.plot(xs, ys, color=colors[d], marker=_MARKERS[i % len(_MARKERS)], linewidth=1.8,
                 label=f"worst case{'' if d == UNDEFENDED else ' + ' + d}")
         for x, y, (_, c) in zip(xs, ys, points):  # which attack is worst there
-            ax.annotate(attack_label(c), (x, y), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(attack_label(c), (x, y), textcoords="offset points",
+                        xytext=(4, 4 if i % 2 == 0 else -11),
                         fontsize=7, color=colors[d])
     _style_log_eps(ax, sorted({e for pts in curves.values() for e, _ in pts}))
     ax.set_ylabel(f"worst-case {kind.metric} (%)")
