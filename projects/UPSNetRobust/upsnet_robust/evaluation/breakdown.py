@@ -64,7 +64,9 @@ def panoptic_breakdown(block: Mapping) -> Dict:
             "isthing", ...}}}``, what the panoptic evaluator returns per defense.
     """
     categories = {int(c): info for c, info in block["categories"].items()}
-    total = PanopticStats.total(block["images"].values())
+    images = block["images"]
+    # summed in image-id order: the same floats however many processes scored the images
+    total = PanopticStats.total(images[i] for i in sorted(images, key=str))
     names = _class_names(categories)
     return {
         "size": OrderedDict(

@@ -15,7 +15,7 @@ last two are here too (:func:`size_section`, :func:`per_class_section`).
 """
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from ._format import fmt, fmt_eps, md_table, unique
 from .cells import UNDEFENDED, ReportKind, ResultCell, cell_order, finite
