@@ -106,7 +106,9 @@ METADATA = {
 def test_write_report_files(tmp_path):
     cells = make_cells()
     paths = write_report(cells, str(tmp_path / "out"), METADATA)
-    assert set(paths) == {"json", "csv", "md", "pq_vs_eps", "time_vs_eps"}
+    assert set(paths) == {
+        "json", "csv", "md", "pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size"
+    }
     for p in paths.values():
         assert os.path.isfile(p) and os.path.getsize(p) > 0
     # Atomic writes leave no temp files behind.
@@ -140,7 +142,7 @@ def test_write_report_files(tmp_path):
     assert "## Attack: fgsm" in md and "## Attack: ifgsm" in md
     assert FAILURE["image_id"] in md and FAILURE["reason"] in md
 
-    for key in ("pq_vs_eps", "time_vs_eps"):
+    for key in ("pq_vs_eps", "time_vs_eps", "worst_case_vs_eps"):
         img = cv2.imread(paths[key])
         assert img is not None and img.shape[0] > 200 and img.shape[1] > 300
         assert img.std() > 5  # not a blank canvas
@@ -223,8 +225,8 @@ def test_sanity_checks_flag_violations(corrupt, tmp_path, monkeypatch):
     # them to keep this test fast).
     import upsnet_robust.evaluation.report as report
 
-    monkeypatch.setattr(report, "plot_pq_vs_eps", lambda cells, path: path)
-    monkeypatch.setattr(report, "plot_time_vs_eps", lambda cells, path: path)
+    for plot in ("plot_pq_vs_eps", "plot_time_vs_eps", "plot_worst_case_vs_eps", "plot_pq_by_size"):
+        monkeypatch.setattr(report, plot, lambda cells, path: path)
     paths = write_report(cells, str(tmp_path), METADATA)
     md = open(paths["md"]).read()
     assert f"**FAIL** `{name}`" in md

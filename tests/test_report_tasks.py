@@ -213,7 +213,7 @@ def test_write_report_headline_everywhere(task, tmp_path):
     assert [c["check"] for c in data["checks"] if not c["passed"]] == [
         "monotone_eps: fgsm/train_losses/none"
     ]
-    for key in ("pq_vs_eps", "time_vs_eps"):
+    for key in ("pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size"):
         img = cv2.imread(paths[key])
         assert img is not None and img.std() > 5
 
@@ -282,8 +282,8 @@ def test_mixed_tasks_raise_and_split_by_model_task(tmp_path):
 
 
 def test_attack_tables_are_long_and_do_not_widen_with_defenses(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "plot_pq_vs_eps", lambda cells, path: path)
-    monkeypatch.setattr(report, "plot_time_vs_eps", lambda cells, path: path)
+    for plot in ("plot_pq_vs_eps", "plot_time_vs_eps", "plot_worst_case_vs_eps", "plot_pq_by_size"):
+        monkeypatch.setattr(report, plot, lambda cells, path: path)
 
     def attack_tables(defenses):
         cells = [_cell("sem_seg", "clean", 0.0, d, 60.0) for d in defenses]
@@ -308,10 +308,11 @@ def test_attack_tables_are_long_and_do_not_widen_with_defenses(tmp_path, monkeyp
 
 def test_write_report_draws_with_the_package_plot_functions(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(report, "plot_pq_vs_eps", lambda cells, path: calls.append(path))
-    monkeypatch.setattr(report, "plot_time_vs_eps", lambda cells, path: calls.append(path))
+    plots = ("pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size")
+    for key in plots:
+        monkeypatch.setattr(report, f"plot_{key}", lambda cells, path: calls.append(path))
     paths = write_report(make_cells("instances"), str(tmp_path), METADATA)
-    assert calls == [paths["pq_vs_eps"], paths["time_vs_eps"]]
+    assert calls == [paths[key] for key in plots]
     assert not os.path.exists(paths["pq_vs_eps"])
 
 

@@ -30,6 +30,7 @@ from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
 from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
+from .breakdown import cell_breakdown
 from .checks import check_dataset_registered, check_early_stop, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import amp_dtype
@@ -265,7 +266,7 @@ class RobustnessSweep:
         }
         if stats:
             save_image_stats(pass_dir, stats)
-        return self._cells(spec, attack, results, records)
+        return self._cells(spec, attack, results, records, stats)
 
     def _example_hook(self, spec: Dict):
         if self.on_example is None or spec["attack"] == CLEAN or not comm.is_main_process():
@@ -282,7 +283,9 @@ class RobustnessSweep:
 
         return hook
 
-    def _cells(self, spec, attack, results, records) -> List[Dict]:
+    def _cells(self, spec, attack, results, records, stats=None) -> List[Dict]:
+        """One cell per scored defense; ``stats``: the pass's per-image PQ sums per defense
+        (panoptic), from which each cell's ``breakdown`` is built."""
         ok = [rec for rec in records if rec["failure"] is None]
         desc = attack.describe() if attack is not None else {}
         adaptive = spec.get("adaptive")
@@ -324,6 +327,9 @@ class RobustnessSweep:
                 cell["attack_defense_s_per_image"] = _mean(
                     [rec.get("attack_defense_s", 0.0) for rec in ok]
                 )
+            breakdown = cell_breakdown(self.task, results.get(d), (stats or {}).get(d))
+            if breakdown is not None:
+                cell["breakdown"] = breakdown
             cells.append(cell)
         return cells
 

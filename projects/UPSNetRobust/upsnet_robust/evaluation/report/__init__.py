@@ -21,7 +21,10 @@ Modules, one concern each:
 - :mod:`.ranking`: defenses ranked by their worst case;
 - :mod:`.tables`: the terminal table and robustness.csv;
 - :mod:`.markdown`: robustness.md;
-- :mod:`.plots`: pq_vs_eps.png (the headline metric) and time_vs_eps.png;
+- :mod:`.breakdowns`: the worst case over attacks per eps, and what the report reads from the
+  cells' breakdowns (PQ by segment size, per-class drops);
+- :mod:`.plots`: pq_vs_eps.png (the headline metric), worst_case_vs_eps.png, pq_by_size.png
+  and time_vs_eps.png;
 - :mod:`.writer`: :func:`write_report`, which writes them all.
 """
 
@@ -41,8 +44,15 @@ from .cells import (
     split_by_model_task,
 )
 from .checks import CHECKS, METRIC_TOLERANCE, PQ_TOLERANCE, SINGLE_STEP_ATTACKS, sanity_checks
+from .breakdowns import per_class_drops, size_series, worst_case_curve
 from .markdown import THREAT_MODEL, markdown_report
-from .plots import metric_vs_eps_figure, plot_pq_vs_eps, plot_time_vs_eps
+from .plots import (
+    metric_vs_eps_figure,
+    plot_pq_by_size,
+    plot_pq_vs_eps,
+    plot_time_vs_eps,
+    plot_worst_case_vs_eps,
+)
 from .ranking import defense_ranking
 from .tables import CSV_COLUMNS, csv_columns, csv_text, format_table
 from .writer import REPORT_FILES, write_report
@@ -75,11 +85,16 @@ __all__ = [
     "markdown_report",
     "metric_ratios",
     "metric_vs_eps_figure",
+    "per_class_drops",
+    "plot_pq_by_size",
     "plot_pq_vs_eps",
     "plot_time_vs_eps",
+    "plot_worst_case_vs_eps",
     "pq_ratios",
     "report_kind",
     "sanity_checks",
+    "size_series",
     "split_by_model_task",
+    "worst_case_curve",
     "write_report",
 ]

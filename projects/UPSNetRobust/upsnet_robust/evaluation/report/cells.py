@@ -80,8 +80,10 @@ class ResultCell:
 
     Clean cells have ``attack == "clean"`` and ``eps == 0``; ``defense == "none"`` marks
     undefended cells. Adaptive cells (the attack differentiated through the defense: BPDA and
-    EOT) also carry ``surrogate``, ``eot_samples`` and ``attack_defense_s_per_image``. Values
-    are stored as given (no type coercion), so a round trip through a dict is exact.
+    EOT) also carry ``surrogate``, ``eot_samples`` and ``attack_defense_s_per_image``.
+    ``breakdown`` (optional) splits the metrics by segment size, things/stuff and class (see
+    :mod:`upsnet_robust.evaluation.breakdown`). Values are stored as given (no type coercion),
+    so a round trip through a dict is exact.
     """
 
     attack: str
@@ -121,6 +123,9 @@ class ResultCell:
     surrogate: Optional[str] = None
     eot_samples: Optional[int] = None
     attack_defense_s_per_image: Optional[float] = None
+    # size / things-stuff / per-class split of the metrics (evaluation.breakdown); None in
+    # cells from sweeps that predate it, which report it as n/a
+    breakdown: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # keys this class does not know
 
     def __post_init__(self):
@@ -135,6 +140,11 @@ class ResultCell:
             raise ValueError(
                 f"Result cell {self.label()}: 'metric' of a {self.task} cell must be one of "
                 f"{list(TASK_METRICS[self.task])}, got {self.metric!r}"
+            )
+        if self.breakdown is not None and not isinstance(self.breakdown, Mapping):
+            raise ValueError(
+                f"Result cell {self.label()}: 'breakdown' must be a dict (size, things, stuff, "
+                f"per_class) or absent, got {type(self.breakdown).__name__}"
             )
 
     # -- conversion ------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ Every check compares the cells' headline metric (``PQ``, ``mIoU``, ``AP``: see
 :mod:`.cells`) with an absolute tolerance of :data:`METRIC_TOLERANCE` = 0.5 points of that
 metric: a stronger setting may score up to 0.5 points *above* a weaker one before it is
 flagged. That absorbs evaluation noise on small image subsets (one segment flipping on 30
-images moves PQ by roughly that much) without hiding a real inversion. A violated check is
-always reported, never dropped.
+images moves PQ by roughly that much) without hiding a real inversion. The one exception is
+``ensemble_vs_members`` (:data:`ENSEMBLE_TOLERANCE`, rounding only): an ensemble and its
+members score the same images, so there is no noise to absorb. A violated check is always
+reported, never dropped.
 
 A new kind of check: write ``check_<kind>`` with the same signature, returning one
 :func:`make_check` dict per compared group, and add it to :data:`CHECKS`.
@@ -18,14 +20,18 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._format import fmt_eps, min_score, series_label, unique
-from .cells import CellLike, ResultCell, as_cells, report_kind
+from .cells import CellLike, ResultCell, as_cells, finite, report_kind
 
 __all__ = [
     "CHECKS",
+    "ENSEMBLE_ATTACKS",
+    "ENSEMBLE_TOLERANCE",
     "METRIC_TOLERANCE",
     "PQ_TOLERANCE",
     "SINGLE_STEP_ATTACKS",
     "check_adaptive_vs_transfer",
+    "check_apgd_vs_pgd",
+    "check_ensemble_vs_members",
     "check_all_cells_scored",
     "check_iterative_vs_single_step",
     "check_monotone_eps",
@@ -41,6 +47,10 @@ PQ_TOLERANCE = METRIC_TOLERANCE  # the name from the panoptic-only report
 
 # Attacks that take one gradient step; every other non-clean attack counts as iterative.
 SINGLE_STEP_ATTACKS = ("fgsm",)
+# Worst cases over several attacks (per image); their cells list their ``members``.
+ENSEMBLE_ATTACKS = ("sea", "sea_fast")
+# Absolute tolerance of ensemble_vs_members (rounding only; see that check).
+ENSEMBLE_TOLERANCE = 0.01
 
 
 def make_check(name: str, passed: bool, detail: str) -> Dict:
@@ -204,11 +214,23 @@ def _configs(attacked: List[ResultCell]) -> "OrderedDict":
 
 
 def check_more_steps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
-    """``more_steps``, per (attack, objective, eps, defense, adaptive) with several
-    ``num_steps``: the score at more steps <= the lowest score at fewer steps + ``tol``."""
+    """``more_steps``, per (attack, objective, eps, defense, adaptive, step size, random start)
+    with several ``num_steps``: the score at more steps <= the lowest score at fewer steps +
+    ``tol`` (more iterations of the same attack must not weaken it; a weaker result is a sign of
+    gradient masking or a broken step control). Cells with another step size or random start
+    are a different attack and are not compared."""
     _, s = _scored(cells)
     checks = []
-    for (attack, objective, eps, defense, adaptive), group in _configs(s.attacked).items():
+    configs = _group(
+        s.attacked,
+        lambda c: (
+            c.attack, c.objective, c.eps_value, c.defense_name, c.is_adaptive,
+            finite(c.step_size), bool(c.random_start),
+        ),
+    )  # fmt: skip
+    several = _group(configs, lambda k: k[:5])  # step-size variants of one config
+    for key, group in configs.items():
+        attack, objective, eps, defense, adaptive, step, random_start = key
         steps = sorted({c.steps for c in group})
         if len(steps) < 2:
             continue
@@ -219,7 +241,10 @@ def check_more_steps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -
         if bad:
             detail += "; more steps WEAKER at steps " + "; ".join(bad)
         label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
-        checks.append(make_check(f"more_steps: {label} eps={fmt_eps(eps)}", not bad, detail))
+        name = f"more_steps: {label} eps={fmt_eps(eps)}"
+        if len(several[key[:5]]) > 1:  # name the variant only where there are several
+            name += f" step={step if step is None else f'{step:g}'} random_start={random_start}"
+        checks.append(make_check(name, not bad, detail))
     return checks
 
 
@@ -248,6 +273,83 @@ def check_more_restarts(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
     return checks
 
 
+def _member_label(m: Dict) -> str:
+    steps = m.get("num_steps")
+    return series_label(m.get("attack"), m.get("objective")) + (
+        f" ({steps} steps)" if steps is not None else ""
+    )
+
+
+def check_ensemble_vs_members(
+    cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
+) -> List[Dict]:
+    """``ensemble_vs_members``, per ensemble cell (attack in :data:`ENSEMBLE_ATTACKS`): its
+    score <= the lowest score among its ``members`` (``[{"attack", "objective", "num_steps",
+    <metric>: value, ...}]``) + :data:`ENSEMBLE_TOLERANCE`. The ensemble keeps, image by image,
+    one of its members' own predictions, so it can be no weaker than its strongest member; the
+    tolerance only absorbs rounding (``tol`` is not used: there is no evaluation noise between
+    an ensemble and its members). An ensemble cell without a members list, or whose members
+    have no finite score, cannot be verified and is flagged too."""
+    _, s = _scored(cells)
+    checks = []
+    for c in s.attacked:
+        if c.attack not in ENSEMBLE_ATTACKS:
+            continue
+        label = series_label(c.attack, c.objective, c.defense_name) + _adaptive_suffix(
+            c.is_adaptive
+        )
+        name = f"ensemble_vs_members: {label} eps={fmt_eps(c.eps_value)}"
+        members = c.get("members")
+        scored = [
+            (m, finite(m.get(s.metric))) for m in (members or []) if isinstance(m, dict)
+        ]
+        scored = [(m, v) for m, v in scored if v is not None]
+        if not scored:
+            why = "no members list" if not isinstance(members, list) else f"no member {s.metric}"
+            detail = f"{s.metric} {c.score:.2f}; {why}: the worst case cannot be verified"
+            checks.append(make_check(name, False, detail))
+            continue
+        best, value = min(scored, key=lambda mv: mv[1])
+        ok = c.score <= value + ENSEMBLE_TOLERANCE
+        listing = ", ".join(f"{_member_label(m)}: {v:.2f}" for m, v in scored)
+        detail = (
+            f"ensemble {s.metric} {c.score:.2f} vs members [{listing}]; "
+            + ("ok" if ok else f"ensemble WEAKER than its member {_member_label(best)}")
+            + f" (tol {ENSEMBLE_TOLERANCE:g})"
+        )
+        checks.append(make_check(name, ok, detail))
+    return checks
+
+
+def check_apgd_vs_pgd(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
+    """``apgd_vs_pgd``, per (objective, eps, defense, adaptive, passes) with both an "apgd" and a
+    "pgd" cell, passes = ``num_steps * restarts`` (equal gradient budgets):
+    ``score_apgd <= score_pgd + tol``. APGD's step-size control exists to beat fixed-step PGD
+    at the same budget; losing to it points at a broken schedule or a masked gradient."""
+    _, s = _scored(cells)
+    checks = []
+    groups = _group(
+        [c for c in s.attacked if c.attack in ("apgd", "pgd")],
+        lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive,
+                   c.steps * c.restart_count),
+    )  # fmt: skip
+    for (objective, eps, defense, adaptive, passes), group in groups.items():
+        apgd = [c for c in group if c.attack == "apgd"]
+        pgd = [c for c in group if c.attack == "pgd"]
+        if not apgd or not pgd:
+            continue
+        va, vp = min_score(apgd), min_score(pgd)
+        ok = va <= vp + tol
+        detail = (
+            f"eps {fmt_eps(eps)}, {passes} passes (steps x restarts): apgd {s.metric} {va:.2f} "
+            f"vs pgd {s.metric} {vp:.2f}; {'ok' if ok else 'APGD WEAKER than PGD'} (tol {tol:g})"
+        )
+        label = series_label(objective, defense) + _adaptive_suffix(adaptive)
+        name = f"apgd_vs_pgd: {label} eps={fmt_eps(eps)} passes={passes}"
+        checks.append(make_check(name, ok, detail))
+    return checks
+
+
 # Every kind of check, in report order.
 CHECKS = OrderedDict(
     [
@@ -257,6 +359,8 @@ CHECKS = OrderedDict(
         ("adaptive_vs_transfer", check_adaptive_vs_transfer),
         ("more_steps", check_more_steps),
         ("more_restarts", check_more_restarts),
+        ("apgd_vs_pgd", check_apgd_vs_pgd),
+        ("ensemble_vs_members", check_ensemble_vs_members),
     ]
 )
 

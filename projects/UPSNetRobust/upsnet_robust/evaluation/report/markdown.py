@@ -4,7 +4,8 @@
 Sections: a header (run metadata, threat model, units, check summary, figures), the clean
 scores per defense, the defenses ranked by their worst case, one table per attack in long
 format (a row per eps and defense, so the width does not grow with the number of defenses),
-the worst case over attacks, every sanity check and the failed images.
+the worst case over attacks per eps, PQ by segment size, things and stuff (panoptic), the
+per-class drop at each attack's largest eps, every sanity check and the failed images.
 """
 
 import datetime
@@ -14,7 +15,8 @@ from typing import Dict, List, Sequence
 
 from ._format import attack_label, fmt, fmt_eps, jsonable, md_table, unique
 from .cells import UNDEFENDED, ReportKind, ResultCell, cell_order, clean_scores, metric_ratios
-from .checks import CHECKS
+from .breakdowns import per_class_section, size_section, worst_case_curve
+from .checks import CHECKS, ENSEMBLE_TOLERANCE
 from .ranking import defense_ranking
 
 __all__ = ["THREAT_MODEL", "markdown_report"]
@@ -206,24 +208,26 @@ def _attack_sections(cells, kind: ReportKind) -> List[str]:
 
 
 def _worst_case_section(cells, kind: ReportKind) -> List[str]:
-    attacked = [c for c in cell_order(cells) if not c.is_clean]
-    if not attacked:
+    curves = worst_case_curve(cells)
+    if not curves:
         return []
     m = kind.metric
-    defenses = unique(c.defense_name for c in cell_order(cells))
     md = ["", "## Worst case over attacks", ""]
-    md += [f"Lowest {m} over every attack, objective and adaptive setting at each eps.", ""]
+    md += [
+        f"Lowest {m} over every attack (an ensemble such as `sea` counts like any attack), "
+        "objective, step count and adaptive setting at each eps, per defense: the robustness "
+        "curve of the strongest adversary that was run, and which attack reached it.",
+        "",
+        f"![worst-case {m} vs eps](worst_case_vs_eps.png)",
+        "",
+    ]
+    defenses = list(curves)
     body = []
-    for e in sorted({c.eps_value for c in attacked}):
+    for e in sorted({e for points in curves.values() for e, _ in points}):
         row = [fmt_eps(e)]
         for d in defenses:
-            at = [c for c in attacked if c.eps_value == e and c.defense_name == d]
-            at = [c for c in at if c.score is not None]
-            if not at:
-                row.append("-")
-                continue
-            worst = min(at, key=lambda c: c.score)
-            row.append(f"{fmt(worst.score)} ({attack_label(worst)})")
+            worst = next((c for pe, c in curves[d] if pe == e), None)
+            row.append("-" if worst is None else f"{fmt(worst.score)} ({attack_label(worst)})")
         body.append(row)
     return md + md_table(["eps"] + [f"{d} worst {m} (attack)" for d in defenses], body)
 
@@ -232,7 +236,8 @@ def _checks_section(checks: Sequence[Dict], tol: float, metric: str) -> List[str
     md = ["", "## Sanity checks", ""]
     md.append(
         f"Tolerance: {tol:g} {metric} points (a stronger setting may score at most {tol:g} "
-        "points above a weaker one). Clean counts as eps 0 of each defense's series. "
+        f"points above a weaker one; an ensemble at most {ENSEMBLE_TOLERANCE:g} above its "
+        "strongest member, rounding only). Clean counts as eps 0 of each defense's series. "
         "Violations are listed first and are never dropped."
     )
     md.append("")
@@ -285,6 +290,8 @@ def markdown_report(
     md += _ranking_section(cells, kind)
     md += _attack_sections(cells, kind)
     md += _worst_case_section(cells, kind)
+    md += size_section(cells, kind)
+    md += per_class_section(cells, kind)
     md += _checks_section(checks, tol, kind.metric)
     md += _failures_section(cells)
     md.append("")

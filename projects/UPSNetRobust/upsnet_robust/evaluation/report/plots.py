@@ -1,5 +1,6 @@
 # Copyright (c) UPSNetRobust authors.
-"""The report's figures: headline metric vs eps, and time per image vs eps.
+"""The report's figures: headline metric vs eps, its worst case over attacks vs eps, PQ by
+segment size vs eps, and time per image vs eps.
 
 Drawn on a matplotlib Agg canvas (no pyplot, so no global backend switch) and written
 atomically.
@@ -8,14 +9,23 @@ atomically.
 import io
 import logging
 from collections import OrderedDict
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from ...utils.io import atomic_write
-from ._format import fmt_eps, unique
+from ._format import attack_label, fmt_eps, unique
+from .breakdowns import SIZE_BUCKETS, series_name, size_series, worst_case_curve
 from .cells import UNDEFENDED, CellLike, ResultCell, as_cells, cell_order, clean_scores
 from .cells import report_kind
 
-__all__ = ["metric_vs_eps_figure", "plot_pq_vs_eps", "plot_time_vs_eps"]
+__all__ = [
+    "metric_vs_eps_figure",
+    "plot_pq_by_size",
+    "plot_pq_vs_eps",
+    "plot_time_vs_eps",
+    "plot_worst_case_vs_eps",
+    "pq_by_size_figure",
+    "worst_case_figure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +38,11 @@ _TASK_TITLES = {
 }
 
 
-def _new_figure(ncols: int = 1):
+def _new_figure(ncols: int = 1, width: float = 7.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5 * ncols, 5.0), dpi=_DPI)
+    fig = Figure(figsize=(width * ncols, 5.0), dpi=_DPI)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     return fig, axes
@@ -259,4 +269,106 @@ def plot_time_vs_eps(cells: Sequence[CellLike], path: str) -> str:
         _legend(ax, outside="below")
     fig.suptitle("Time per image vs eps")
     _save_figure(fig, path)
+    return path
+
+
+def _clean_lines(ax, clean: Dict[str, float], colors: Dict[str, object]) -> None:
+    """Clean values as horizontal dashed lines (eps 0 cannot sit on the log axis)."""
+    for name, value in clean.items():
+        ax.axhline(value, color=colors[name], linestyle="--", linewidth=1.0, alpha=0.8,
+                   label=f"clean{'' if name == UNDEFENDED else ' + ' + name} (eps 0)")
+
+
+def worst_case_figure(cells: Sequence[CellLike]):
+    """The figure :func:`plot_worst_case_vs_eps` saves."""
+    cells = as_cells(cells)
+    kind = report_kind(cells)
+    fig, (ax,) = _new_figure()
+    curves = worst_case_curve(cells)
+    defenses = unique(c.defense_name for c in cell_order(cells))
+    palette = _colors(max(1, len(defenses)))
+    colors = {d: palette[i] for i, d in enumerate(defenses)}
+    clean = clean_scores(cells)
+    _clean_lines(ax, {d: v for d, v in clean.items() if d in curves}, colors)
+    for i, (d, points) in enumerate(curves.items()):
+        xs, ys = [e for e, _ in points], [c.score for _, c in points]
+        ax.plot(xs, ys, color=colors[d], marker=_MARKERS[i % len(_MARKERS)], linewidth=1.8,
+                label=f"worst case{'' if d == UNDEFENDED else ' + ' + d}")
+        for x, y, (_, c) in zip(xs, ys, points):  # which attack is worst there
+            ax.annotate(attack_label(c), (x, y), textcoords="offset points",
+                        xytext=(4, 4 if i % 2 == 0 else -11),
+                        fontsize=7, color=colors[d])
+    _style_log_eps(ax, sorted({e for pts in curves.values() for e, _ in pts}))
+    ax.set_ylabel(f"worst-case {kind.metric} (%)")
+    ax.set_ylim(bottom=0)
+    title = f"Worst case over attacks ({kind.metric} vs eps)"
+    ax.set_title(title if curves else title + ": no attacked cells")
+    _legend(ax)
+    return fig
+
+
+def plot_worst_case_vs_eps(cells: Sequence[CellLike], path: str) -> str:
+    """The robustness curve of the strongest adversary: per defense, the headline metric's
+    per-eps minimum over every attack, objective, step count and adaptive setting (an ensemble
+    cell such as ``sea`` counts like any attack; :func:`~.breakdowns.worst_case_curve`), each
+    point labelled with the attack that reached it; clean scores as dashed lines.
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells of one model and task.
+        path (str): output PNG (written atomically).
+
+    Returns:
+        str: ``path``.
+    """
+    _save_figure(worst_case_figure(cells), path)
+    return path
+
+
+def pq_by_size_figure(cells: Sequence[CellLike]):
+    """The figure :func:`plot_pq_by_size` saves (one panel per size bucket)."""
+    cells = as_cells(cells)
+    fig, axes = _new_figure(ncols=len(SIZE_BUCKETS), width=5.0)
+    data = size_series(cells)
+    series = data["series"]
+    objectives = len({k[1] for k in series})
+    colors = _colors(max(1, len(series)))
+    eps_values = sorted({e for pts in series.values() for e, _ in pts})
+    top = [v for pts in series.values() for _, s in pts for v in s.values() if v is not None]
+    top += [v for v in (data["clean"] or {}).values() if v is not None]
+    for ax, bucket in zip(axes, SIZE_BUCKETS):
+        clean = (data["clean"] or {}).get(bucket)
+        if clean is not None:
+            _clean_lines(ax, {UNDEFENDED: clean}, {UNDEFENDED: "0.3"})
+        for i, ((attack, objective), pts) in enumerate(series.items()):
+            pts = [(e, s[bucket]) for e, s in pts if s[bucket] is not None]
+            ax.plot([e for e, _ in pts], [v for _, v in pts], color=colors[i],
+                    marker=_MARKERS[i % len(_MARKERS)], linewidth=1.6, markersize=5,
+                    label=series_name(attack, objective, objectives))
+        _style_log_eps(ax, eps_values)
+        ax.set_ylabel(f"PQ of {bucket} segments (%)")
+        ax.set_ylim(0, max(top) * 1.05 + 1 if top else 100)
+        ax.set_title(f"{bucket} segments")
+        _legend(ax, outside="below")
+    if not series and data["clean"] is None:
+        fig.suptitle("PQ by segment size: n/a (no size breakdown in these cells)")
+    else:
+        fig.suptitle("PQ by segment size vs eps (undefended)")
+    return fig
+
+
+def plot_pq_by_size(cells: Sequence[CellLike], path: str) -> str:
+    """PQ of small, medium and large segments against eps, one panel per size bucket, one line
+    per attack, undefended (:func:`~.breakdowns.size_series`: the strongest cell at each eps);
+    the clean PQ of the bucket is a dashed line (eps 0). Size bias shows as the small panel
+    falling faster. Cells without a size breakdown (other tasks, sweeps from before breakdowns
+    were recorded) are left out; with none at all the figure says n/a.
+
+    Args:
+        cells (list[dict or ResultCell]): sweep cells of one model and task.
+        path (str): output PNG (written atomically).
+
+    Returns:
+        str: ``path``.
+    """
+    _save_figure(pq_by_size_figure(cells), path)
     return path

@@ -28,15 +28,23 @@ REPORT_FILES = OrderedDict(
         ("md", "robustness.md"),
         ("pq_vs_eps", "pq_vs_eps.png"),
         ("time_vs_eps", "time_vs_eps.png"),
+        ("worst_case_vs_eps", "worst_case_vs_eps.png"),
+        ("pq_by_size", "pq_by_size.png"),
     ]
 )
 
 
 def _plotters():
-    """The two plot functions as the package exports them, looked up at call time: replacing
-    ``report.plot_pq_vs_eps`` (e.g. a fast stub in a test) changes what write_report draws."""
+    """``{report file key: plot function}`` as the package exports them, looked up at call
+    time: replacing ``report.plot_pq_vs_eps`` (e.g. a fast stub in a test) changes what
+    write_report draws."""
     package = sys.modules[__package__]
-    return package.plot_pq_vs_eps, package.plot_time_vs_eps
+    return {
+        "pq_vs_eps": package.plot_pq_vs_eps,
+        "time_vs_eps": package.plot_time_vs_eps,
+        "worst_case_vs_eps": package.plot_worst_case_vs_eps,
+        "pq_by_size": package.plot_pq_by_size,
+    }
 
 
 def write_report(
@@ -56,8 +64,11 @@ def write_report(
       adaptive attacks (without them a ranking would overstate robustness);
     - ``robustness.csv``: one row per cell (:func:`~.tables.csv_text`);
     - ``robustness.md``: the readable report (:func:`~.markdown.markdown_report`);
-    - ``pq_vs_eps.png`` (the headline metric vs eps, :func:`~.plots.plot_pq_vs_eps`) and
-      ``time_vs_eps.png`` (:func:`~.plots.plot_time_vs_eps`).
+    - ``pq_vs_eps.png`` (the headline metric vs eps, :func:`~.plots.plot_pq_vs_eps`),
+      ``time_vs_eps.png`` (:func:`~.plots.plot_time_vs_eps`), ``worst_case_vs_eps.png`` (its
+      per-eps minimum over attacks, :func:`~.plots.plot_worst_case_vs_eps`) and
+      ``pq_by_size.png`` (PQ of small/medium/large segments, :func:`~.plots.plot_pq_by_size`;
+      a figure saying n/a for cells without a size breakdown).
 
     Args:
         cells (list[dict or ResultCell]): sweep cells.
@@ -66,7 +77,8 @@ def write_report(
             ``weights`` head the Markdown report, other keys are listed below them.
 
     Returns:
-        dict[str, str]: paths under keys "json", "csv", "md", "pq_vs_eps", "time_vs_eps".
+        dict[str, str]: paths under the keys of :data:`REPORT_FILES` ("json", "csv", "md",
+        "pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size").
     """
     cells = as_cells(cells)
     kind = report_kind(cells)
@@ -84,8 +96,7 @@ def write_report(
     atomic_write(paths["json"], text)
     atomic_write(paths["csv"], csv_text(cells))
     atomic_write(paths["md"], markdown_report(cells, kind, metadata, checks, METRIC_TOLERANCE))
-    plot_metric, plot_time = _plotters()
-    plot_metric(cells, paths["pq_vs_eps"])
-    plot_time(cells, paths["time_vs_eps"])
+    for key, plot in _plotters().items():
+        plot(cells, paths[key])
     logger.info("Robustness report (%s, %s) written to %s", kind.task, kind.metric, output_dir)
     return paths
