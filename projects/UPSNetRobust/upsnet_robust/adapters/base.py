@@ -43,6 +43,7 @@ __all__ = [
     "adapter_class",
     "as_adapter",
     "frozen_norm_training_mode",
+    "strided_head_logits",
     "unwrap_model",
 ]
 
@@ -244,6 +245,18 @@ class ModelAdapter:
     def _rng_devices(self):
         device = self.device
         return [device] if device.type == "cuda" else []
+
+
+def strided_head_logits(head: nn.Module, features, image_sizes) -> List[torch.Tensor]:
+    """Per image (C, h, w) logits of a semantic head with ``layers`` and ``common_stride``
+    (detectron2's SemSegFPNHead, PanopticDeepLabSemSegHead): its eval-mode forward, upsampled
+    by the common stride, cropped from the padded batch to each image's size."""
+    import torch.nn.functional as F
+
+    logits = F.interpolate(
+        head.layers(features), scale_factor=head.common_stride, mode="bilinear", align_corners=False
+    )
+    return [logits[i, :, :h, :w] for i, (h, w) in enumerate(image_sizes)]
 
 
 def register_adapter(*meta_architectures: str):

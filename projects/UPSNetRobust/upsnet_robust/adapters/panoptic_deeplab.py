@@ -14,14 +14,20 @@ import logging
 from typing import Dict, FrozenSet, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.projects.panoptic_deeplab import PanopticDeeplabDatasetMapper  # registers the model
 from detectron2.structures import ImageList
 
-from .base import DENSE_LOGITS, LOSSES, ModelAdapter, eval_mode, register_adapter
+from .base import (
+    DENSE_LOGITS,
+    LOSSES,
+    ModelAdapter,
+    eval_mode,
+    register_adapter,
+    strided_head_logits,
+)
 
 __all__ = ["PanopticDeepLabAdapter", "panoptic_deeplab_mapper"]
 
@@ -106,15 +112,8 @@ class PanopticDeepLabAdapter(ModelAdapter):
             normalized = [(x.to(model.device) - model.pixel_mean) / model.pixel_std for x in images]
             batch = ImageList.from_tensors(normalized, self._size_divisibility())
             features = model.backbone(batch.tensor)
-            # PanopticDeepLabSemSegHead.forward in eval mode: layers, then upsampling by the
-            # common stride
-            logits = F.interpolate(
-                head.layers(features),
-                scale_factor=head.common_stride,
-                mode="bilinear",
-                align_corners=False,
-            )
-        return [logits[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
+            # PanopticDeepLabSemSegHead.forward in eval mode
+            return strided_head_logits(head, features, batch.image_sizes)
 
     def inference(self, inputs: List[Dict], keys: Optional[FrozenSet[str]] = None) -> List[Dict]:
         model = self.model

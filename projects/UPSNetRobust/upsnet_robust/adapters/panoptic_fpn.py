@@ -15,9 +15,15 @@ import logging
 from typing import Dict, FrozenSet, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from .base import DENSE_LOGITS, LOSSES, ModelAdapter, eval_mode, register_adapter
+from .base import (
+    DENSE_LOGITS,
+    LOSSES,
+    ModelAdapter,
+    eval_mode,
+    register_adapter,
+    strided_head_logits,
+)
 
 __all__ = ["PanopticFPNAdapter", "SeparatedLabels", "SeparatedSemSegMapper"]
 
@@ -201,14 +207,7 @@ class PanopticFPNAdapter(ModelAdapter):
         with eval_mode(model):
             batch = model.preprocess_image([{"image": image} for image in images])
             features = model.backbone(batch.tensor)
-            # SemSegFPNHead's eval-mode forward: logits at the padded batch's size, cropped below
-            logits = F.interpolate(
-                head.layers(features),
-                scale_factor=head.common_stride,
-                mode="bilinear",
-                align_corners=False,
-            )
-        return [logits[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
+            return strided_head_logits(head, features, batch.image_sizes)
 
     def dense_targets(self, x: Dict) -> torch.Tensor:
         return self.labels.semantic_to_model(x["sem_seg"])
