@@ -1,16 +1,18 @@
 # Copyright (c) UPSNetRobust authors.
 """Set-up checks of a robustness run: everything that can be known to fail before the model
 runs on a single image (model adapter, attack/objective pairs, data set, evaluator)."""
+from collections import OrderedDict
 from typing import Iterable, List
 
 from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
-from ..attacks.registry import ATTACK_REGISTRY, attack_class
+from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError, attack_class
 from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
 
 __all__ = [
     "check_attack_objective",
     "check_dataset_registered",
+    "check_ensembles",
     "check_sweep_attacks",
     "objective_for",
 ]
@@ -106,3 +108,72 @@ def check_sweep_attacks(
     for name in attacks:
         if name not in skip:
             check_attack_objective(adapter, name, objective)
+
+
+#: Tasks whose evaluations keep the per-image statistics an ensemble's selection needs.
+ENSEMBLE_TASKS = ("panoptic_seg", "sem_seg")
+
+
+def check_ensembles(adapter: ModelAdapter, cfg) -> None:
+    """Each ensemble ("sea", "sea_fast") in ROBUSTNESS.ATTACKS: a task it can select for (PQ
+    or mIoU) and members (ROBUSTNESS.SEA) that exist and that the model can serve.
+
+    Raises:
+        UnsupportedModelError: an instance-only model, or a member the adapter cannot serve.
+        ValueError: a malformed or unknown member, naming the key and the entry.
+    """
+    from .sweep_passes import ENSEMBLES, ensemble_members
+
+    for name in OrderedDict.fromkeys(cfg.ROBUSTNESS.ATTACKS):
+        if name not in ENSEMBLES:
+            continue
+        if adapter.task not in ENSEMBLE_TASKS:
+            raise UnsupportedModelError(
+                f"{adapter.meta_architecture}: {name!r} in ROBUSTNESS.ATTACKS picks per image the "
+                f"member that lowers the data set's PQ or mIoU, but this model's task is "
+                f"{adapter.task!r}, which has no additive per-image statistics; remove {name!r} "
+                "and list the attacks to compare in ROBUSTNESS.ATTACKS instead"
+            )
+        key = f"ROBUSTNESS.SEA.{ENSEMBLES[name][0]}"
+        for entry, member in ensemble_members(cfg, name):
+            _check_member(adapter, key, entry, member["attack"], member["objective"])
+
+
+def _check_member(adapter: ModelAdapter, key: str, entry: str, attack: str, objective: str):
+    where = f"{key} entry {entry!r}"
+    try:
+        cls = attack_class(attack)
+    except UnknownAttackError:
+        registered = ", ".join(sorted(k for k, _ in ATTACK_REGISTRY))
+        raise ValueError(
+            f"{where}: unknown attack {attack!r}; registered attacks: {registered} (e.g. "
+            f"'apgd:{objective}')"
+        ) from None
+    dense = _dense_objectives(adapter)
+    usable = dense if getattr(cls, "needs_dense_objective", False) else _usable_objectives(adapter)
+    suggestion = f"objectives this model serves: {', '.join(usable) or 'none'}"
+    try:
+        obj_cls = objective_class(objective)
+    except KeyError:
+        raise ValueError(f"{where}: unknown objective {objective!r}; {suggestion}") from None
+    required = getattr(cls, "required_objective", None)
+    if required and required != objective:
+        raise ValueError(
+            f"{where}: attack {attack!r} always maximises {required!r}; write "
+            f"'{attack}:{required}' or choose another attack, e.g. 'apgd:{objective}'"
+        )
+    try:
+        check_attack_objective(adapter, attack, objective)
+    except UnsupportedModelError as e:
+        needs = getattr(obj_cls, "requires", "")
+        if needs and not adapter.has(needs):
+            reason = (
+                f"objective {objective!r} needs the model's {needs.replace('_', ' ')}, which its "
+                f"adapter ({type(adapter).__name__}) does not expose"
+            )
+        else:
+            reason = str(e)
+        raise UnsupportedModelError(
+            f"{where} cannot run on {adapter.meta_architecture}: {reason}. Use members "
+            f"'{attack}:objective' with {suggestion}"
+        ) from None
