@@ -1,0 +1,260 @@
+# Copyright (c) UPSNetRobust authors.
+"""The ``sea`` worst case over an attack ensemble: greedy selection against brute force on
+hand-made and random per-image statistics (panoptic PQ sums, semantic confusion matrices),
+per-image confusion matrices against detectron2's SemSegEvaluator, set-up errors, and the
+ensemble through a tiny sweep on the tiny UPSNet (member passes cached and shared, the sea cell
+exact against the panoptic evaluator on the selected cached outputs)."""
+import glob
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, tiny_cfg
+
+from upsnet_robust.evaluation.ensemble import greedy_worst_case, select_panoptic, select_semantic
+from upsnet_robust.evaluation.panoptic_stats import PanopticStats
+from upsnet_robust.evaluation.semantic_stats import sparse_confusion, sum_confusion
+
+CATEGORIES = {1: {"isthing": 1}, 2: {"isthing": 0}, 3: {"isthing": 1}}
+
+
+def _stats(rows):
+    """PanopticStats of one image from ``{category: [iou, tp, fp, fn]}``."""
+    return PanopticStats({"all": {c: v for c, v in rows.items()}})
+
+
+def _pq(images):
+    """Reference: PQ of a list of PanopticStats via PanopticStats.metrics (panopticapi's
+    pq_average), independent of the selection's vectorised PQ."""
+    value = PanopticStats.total(images).metrics(CATEGORIES)["PQ"]
+    return np.inf if value is None else value
+
+
+def _brute_force(members, score):
+    """The lowest data-set score over every assignment of images to members."""
+    ids = sorted(members[0])
+    best = None
+    for choice in itertools.product(range(len(members)), repeat=len(ids)):
+        value = score([members[m][i] for m, i in zip(choice, ids)])
+        best = value if best is None else min(best, value)
+    return best
+
+
+def _random_panoptic_member(rng, ids):
+    out = {}
+    for i in ids:
+        rows = {}
+        for c in CATEGORIES:
+            tp, fp, fn = rng.integers(0, 4, size=3)
+            iou = float(tp) * rng.uniform(0.5, 1.0)
+            rows[c] = [iou, float(tp), float(fp), float(fn)]
+        out[i] = _stats(rows)
+    return out
+
+
+def test_per_image_minimum_is_not_the_data_set_minimum():
+    """One category. On image "a" member 0 misses the segment (per-image PQ 0) while member 1
+    matches it but adds 18 false positives (per-image PQ 6); on "c" the roles swap; on "b"
+    both are right. Keeping each image's per-image minimum (the misses) leaves the data set at
+    PQ 45; the noisy predictions drag it to 10, below either member alone (13.04): the greedy
+    selection has to switch an image to get there, and does, as brute force confirms."""
+    miss = _stats({1: [0.0, 0.0, 0.0, 1.0]})
+    noisy = _stats({1: [0.6, 1.0, 18.0, 0.0]})
+    good = _stats({1: [0.9, 1.0, 0.0, 0.0]})
+    members = [{"a": miss, "b": good, "c": noisy}, {"a": noisy, "b": good, "c": miss}]
+    assert _pq([miss]) < _pq([noisy])
+    per_image = [min(members, key=lambda m: _pq([m[i]]))[i] for i in ("a", "b", "c")]
+    assert _pq(per_image) == pytest.approx(100 * 0.9 / 2.0)
+    optimum = _brute_force(members, _pq)
+    assert optimum == pytest.approx(100 * 2.1 / 21.0)
+    sel = select_panoptic(members, CATEGORIES)
+    assert sel.member_scores == pytest.approx([100 * 1.5 / 11.5] * 2)
+    assert sel.switches >= 1 and sel.score < min(sel.member_scores)
+    assert (sel.assignment["a"], sel.assignment["c"]) == (1, 0)
+    assert sel.score == pytest.approx(optimum, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_panoptic_vs_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    ids = ["img0", "img1", "img2", "img3"]
+    members = [_random_panoptic_member(rng, ids) for _ in range(3)]
+    sel = select_panoptic(members, CATEGORIES)
+    chosen = [members[m][i] for i, m in sel.assignment.items()]
+    assert sorted(sel.assignment) == ids
+    assert sel.score == pytest.approx(_pq(chosen), abs=1e-9)  # the reported score is exact
+    own = [_pq(list(m.values())) for m in members]
+    assert sel.member_scores == pytest.approx(own)
+    assert sel.start == int(np.argmin(own))
+    assert sel.score <= min(own) + 1e-9  # never above any member
+    optimum = _brute_force(members, _pq)
+    assert optimum - 1e-9 <= sel.score <= optimum + 2.0  # greedy: at or near the optimum
+
+
+def _reference_miou(conf):
+    """detectron2 SemSegEvaluator's mIoU, transcribed on a (K, K) float64 matrix."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    pos_gt, pos_pred = conf.sum(axis=0), conf.sum(axis=1)
+    union = pos_gt + pos_pred - tp
+    valid = (pos_gt > 0) & (union > 0)
+    return 100 * np.sum(tp[valid] / union[valid]) / np.sum(valid)
+
+
+def _random_confusion(rng, k=4, pixels=60):
+    """A sparse per-image confusion matrix; class k-1 never has ground truth."""
+    gt = rng.integers(0, k - 1, size=pixels)
+    pred = np.where(rng.random(pixels) < 0.5, gt, rng.integers(0, k, size=pixels))
+    conf = np.bincount(k * pred + gt, minlength=k * k).reshape(k, k)
+    return sparse_confusion(conf)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_semantic_vs_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    ids = ["0", "1", "2", "3"]
+    members = [{i: _random_confusion(rng) for i in ids} for _ in range(3)]
+
+    def miou(images):
+        return _reference_miou(sum_confusion(images, 4))
+
+    sel = select_semantic(members, num_classes=4)
+    chosen = [members[m][i] for i, m in sel.assignment.items()]
+    assert sel.score == pytest.approx(miou(chosen), abs=1e-9)
+    assert sel.score <= min(miou(list(m.values())) for m in members) + 1e-9
+    optimum = _brute_force(members, miou)
+    assert optimum - 1e-9 <= sel.score <= optimum + 2.0
+
+
+def test_semantic_per_image_minimum_is_not_the_data_set_minimum():
+    """mIoU, two classes. On image "a" member 0 gets both pixels wrong (per-image mIoU 0);
+    member 1 gets one of 11 class-1 pixels right (4.2) but paints 10 of them class 0, which
+    on the data set (with image "b", right in both) costs far more: 48.8 against 83.3."""
+    k = 2
+
+    def conf(entries):
+        m = np.zeros((k, k), dtype=np.int64)
+        for (p, g), n in entries.items():
+            m[p, g] = n
+        return sparse_confusion(m)
+
+    members = [
+        {"a": conf({(1, 0): 1, (0, 1): 1}), "b": conf({(0, 0): 10, (1, 1): 10})},
+        {"a": conf({(1, 0): 1, (1, 1): 1, (0, 1): 10}), "b": conf({(0, 0): 10, (1, 1): 10})},
+    ]
+
+    def miou(images):
+        return _reference_miou(sum_confusion(images, k))
+
+    per_image = [min(members, key=lambda m: miou([m[i]]))[i] for i in ("a", "b")]
+    optimum = _brute_force(members, miou)
+    assert miou(per_image) > optimum + 1.0  # the per-image minimum is not the worst case
+    sel = select_semantic(members, num_classes=k)
+    assert sel.score == pytest.approx(optimum, abs=1e-9)
+
+
+def test_greedy_edge_cases():
+    # one member: nothing to switch; a member lacking an image still lets another supply it
+    one = {"x": np.array([1.0]), "y": np.array([3.0])}
+    sel = greedy_worst_case([one], lambda t: t[:, 0])
+    assert sel.assignment == {"x": 0, "y": 0} and sel.switches == 0 and sel.score == 4.0
+    partial = {"x": np.array([0.0])}
+    sel = greedy_worst_case([one, partial], lambda t: t[:, 0])
+    assert sel.assignment == {"x": 1, "y": 0} and sel.score == 3.0
+    with pytest.raises(ValueError, match="at least one member"):
+        greedy_worst_case([], lambda t: t[:, 0])
+
+
+# ------------------------------------------------------------------------------------------
+# Per-image confusion matrices against detectron2's SemSegEvaluator
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def semseg_dataset(tmp_path_factory):
+    """Three 8x10 images with labels 0-2 and 255 (ignore) of a 4-class set: class 3 never has
+    ground truth (the predictions use it: mIoU must leave it out)."""
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    root = tmp_path_factory.mktemp("semseg")
+    rng = np.random.default_rng(0)
+    dicts = []
+    for n in range(3):
+        gt = rng.integers(0, 3, size=(8, 10)).astype(np.uint8)
+        gt[0, :3] = 255
+        path = str(root / f"gt{n}.png")
+        Image.fromarray(gt).save(path)
+        dicts.append({"file_name": f"img{n}.jpg", "sem_seg_file_name": path, "image_id": n,
+                      "height": 8, "width": 10})  # fmt: skip
+    name = "pytest_sea_semseg"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: dicts)
+        MetadataCatalog.get(name).set(
+            stuff_classes=["a", "b", "c", "d"], ignore_label=255, evaluator_type="sem_seg"
+        )
+    gts = {d["image_id"]: np.asarray(Image.open(d["sem_seg_file_name"])) for d in dicts}
+    return name, dicts, gts
+
+
+def _predictions(seed, gts):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, gt in gts.items():
+        pred = np.where(rng.random(gt.shape) < 0.6, gt % 255, rng.integers(0, 4, size=gt.shape))
+        out[i] = torch.from_numpy(pred.astype(np.int64) % 4)
+    return out
+
+
+def _evaluate(name, dicts, preds, per_image_stats=True):
+    from upsnet_robust.evaluation.evaluators import build_task_evaluator
+
+    evaluator = build_task_evaluator(name, "sem_seg", per_image_stats=per_image_stats)
+    evaluator.reset()
+    for d in dicts:
+        evaluator.process([d], [{"sem_seg": preds[d["image_id"]]}])
+    return evaluator.evaluate()
+
+
+def test_per_image_confusion_sums_to_semsegevaluator(semseg_dataset):
+    from detectron2.evaluation import SemSegEvaluator
+
+    from upsnet_robust.evaluation.semantic_stats import semantic_metrics
+
+    name, dicts, gts = semseg_dataset
+    preds = _predictions(1, gts)
+    results = _evaluate(name, dicts, preds)
+    stats = results["sem_seg_stats"]
+    assert stats["num_classes"] == 4 and sorted(stats["images"]) == [0, 1, 2]
+    for i, gt in gts.items():  # each image's matrix, independently: rows pred, columns gt
+        valid = gt != 255
+        pred = preds[i].numpy()[valid]
+        expected = np.bincount(4 * pred + gt[valid], minlength=16).reshape(4, 4)
+        np.testing.assert_array_equal(sum_confusion([stats["images"][i]], 4), expected)
+    # detectron2's own evaluator on (C, H, W) logits: the reference metrics
+    reference = SemSegEvaluator(name, distributed=False)
+    reference.reset()
+    for d in dicts:
+        logits = torch.nn.functional.one_hot(preds[d["image_id"]], 4).permute(2, 0, 1).float()
+        reference.process([d], [{"sem_seg": logits}])
+    expected = reference.evaluate()["sem_seg"]
+    ours = semantic_metrics(sum_confusion(stats["images"].values(), 4))
+    for key in ("mIoU", "fwIoU", "mACC", "pACC"):
+        assert ours[key] == pytest.approx(expected[key], abs=1e-9), key
+        assert results["sem_seg"][key] == pytest.approx(expected[key], abs=1e-9), key
+    assert "sem_seg_stats" not in _evaluate(name, dicts, preds, per_image_stats=False)
+
+
+def test_semantic_selection_equals_evaluator_on_selected_predictions(semseg_dataset):
+    """The selection's mIoU is what the evaluator gives on the selected predictions."""
+    name, dicts, gts = semseg_dataset
+    members = [_predictions(seed, gts) for seed in (2, 3, 4)]
+    stats = [_evaluate(name, dicts, p)["sem_seg_stats"]["images"] for p in members]
+    sel = select_semantic(stats, num_classes=4)
+    chosen = {i: members[m][i] for i, m in sel.assignment.items()}
+    results = _evaluate(name, dicts, chosen)["sem_seg"]
+    assert sel.score == pytest.approx(results["mIoU"], abs=1e-9)
+    assert sel.score <= min(_evaluate(name, dicts, p)["sem_seg"]["mIoU"] for p in members) + 1e-9
