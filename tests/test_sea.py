@@ -258,3 +258,180 @@ def test_semantic_selection_equals_evaluator_on_selected_predictions(semseg_data
     results = _evaluate(name, dicts, chosen)["sem_seg"]
     assert sel.score == pytest.approx(results["mIoU"], abs=1e-9)
     assert sel.score <= min(_evaluate(name, dicts, p)["sem_seg"]["mIoU"] for p in members) + 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# Set-up checks
+# ------------------------------------------------------------------------------------------
+class _StubAdapter:
+    """What the set-up checks read of an adapter."""
+
+    def __init__(self, task="panoptic_seg", capabilities=("losses", "dense_logits")):
+        self.task = task
+        self.capabilities = frozenset(capabilities)
+        self.meta_architecture = "StubNet"
+
+    def has(self, capability):
+        return capability in self.capabilities
+
+
+@pytest.mark.parametrize(
+    "members, error, words",
+    [
+        (["apgd"], ValueError, ["ROBUSTNESS.SEA.MEMBERS", "'apgd'", "attack:objective"]),
+        (["nope:masked_ce"], ValueError, ["ROBUSTNESS.SEA.MEMBERS", "'nope:masked_ce'", "apgd"]),
+        (["apgd:nope"], ValueError, ["ROBUSTNESS.SEA.MEMBERS", "'apgd:nope'", "masked_ce"]),
+        (["illc:masked_ce"], ValueError, ["ROBUSTNESS.SEA.MEMBERS", "least_likely"]),
+        ([], ValueError, ["ROBUSTNESS.SEA.MEMBERS", "empty"]),
+    ],
+)
+def test_bad_members_are_rejected_naming_the_key(members, error, words):
+    from upsnet_robust.evaluation.checks import check_ensembles
+
+    cfg = tiny_cfg("ROBUSTNESS.ATTACKS", "['sea']")
+    cfg.ROBUSTNESS.SEA.MEMBERS = members
+    with pytest.raises(error) as info:
+        check_ensembles(_StubAdapter(), cfg)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_members_the_model_cannot_serve_and_instance_models():
+    from upsnet_robust.adapters.base import UnsupportedModelError
+    from upsnet_robust.evaluation.checks import check_ensembles
+
+    cfg = tiny_cfg("ROBUSTNESS.ATTACKS", "['sea_fast']", "ROBUSTNESS.SEA.FAST_NUM_STEPS", "0")
+    with pytest.raises(ValueError, match="ROBUSTNESS.SEA.FAST_NUM_STEPS must be >= 1"):
+        check_ensembles(_StubAdapter(), cfg)
+    cfg.ROBUSTNESS.SEA.FAST_NUM_STEPS = 3
+    check_ensembles(_StubAdapter(), cfg)  # the defaults are fine on a model with dense logits
+    with pytest.raises(UnsupportedModelError) as info:
+        check_ensembles(_StubAdapter(capabilities=("losses",)), cfg)
+    message = str(info.value)
+    assert "ROBUSTNESS.SEA.FAST_MEMBERS entry 'apgd:masked_ce'" in message and "dense" in message
+    with pytest.raises(UnsupportedModelError, match="'sea_fast' in ROBUSTNESS.ATTACKS.*instances"):
+        check_ensembles(_StubAdapter(task="instances"), cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# Through a tiny sweep on the tiny UPSNet
+# ------------------------------------------------------------------------------------------
+SHIPPED = os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth")
+SEA_OPTS = [
+    # sea: two members; sea_fast: one of them with the same settings (one shared pass); a plain
+    # apgd pass equal to the other member (same key: one pass)
+    "ROBUSTNESS.ATTACKS", "['sea', 'sea_fast', 'apgd']",
+    "ROBUSTNESS.SEA.MEMBERS", "['apgd:masked_ce', 'apgd:js_divergence']",
+    "ROBUSTNESS.SEA.NUM_STEPS", "2",
+    "ROBUSTNESS.SEA.FAST_MEMBERS", "['apgd:js_divergence']",
+    "ROBUSTNESS.SEA.FAST_NUM_STEPS", "2",
+    "ROBUSTNESS.OBJECTIVE", "masked_ce",
+    "ROBUSTNESS.NUM_STEPS", "2",
+    "ROBUSTNESS.RANDOM_START", "True",
+    "ROBUSTNESS.APGD_RADIUS_SCHEDULE", "True",
+    "ROBUSTNESS.EPSILONS", "[8.0]",
+    "ROBUSTNESS.DEFENSES", "['none', 'bitdepth']",
+    "ROBUSTNESS.INCLUDE_CLEAN", "False",
+    "ROBUSTNESS.NUM_EXAMPLES", "0",
+    "ROBUSTNESS.BATCH_SIZE", "2",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def _sweep(names, output_dir, *opts):
+    from detectron2.modeling import build_model
+
+    from upsnet_robust.engine import build_checkpointer
+    from upsnet_robust.evaluation import RobustnessSweep
+
+    cfg = tiny_cfg(
+        "DATASETS.TEST", f"('{names['val']}',)", "MODEL.WEIGHTS", SHIPPED,
+        "OUTPUT_DIR", str(output_dir), *SEA_OPTS, *opts,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    build_checkpointer(cfg, model).load(SHIPPED)
+    return RobustnessSweep(cfg, model.eval(), SHIPPED, cfg.OUTPUT_DIR)
+
+
+def _selected_pq(names, cache_root, member_dirs, selection, defense, tmp_path):
+    """PQ of the panoptic evaluator on the selected members' cached outputs."""
+    from detectron2.data import DatasetCatalog
+
+    from upsnet_robust.evaluation.evaluators import build_task_evaluator, headline_results
+    from upsnet_robust.evaluation.image_cache import ImageCache
+
+    evaluator = build_task_evaluator(names["val"], "panoptic_seg", str(tmp_path))
+    evaluator.reset()
+    dicts = {str(d["image_id"]): d for d in DatasetCatalog.get(names["val"])}
+    for image_id, member in selection[defense].items():
+        entry = ImageCache(member_dirs[member], ("panoptic_seg",)).load(dicts[image_id])
+        evaluator.process([dicts[image_id]], [entry["outputs"][defense]])
+    return headline_results("panoptic_seg", evaluator.evaluate())
+
+
+@pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="needs the shipped tiny checkpoint")
+def test_sea_through_a_tiny_sweep(synthetic_cityscapes_names, tmp_path, monkeypatch):
+    names = synthetic_cityscapes_names
+    sweep = _sweep(names, tmp_path / "out")
+    cells = sweep.run()
+    dirs = sorted(glob.glob(os.path.join(sweep.cache_root, "*")))
+    members = [d for d in dirs if os.path.basename(d).startswith("apgd_eps8_")]
+    assert len(members) == 2  # 2 + 1 members and a plain pass: two passes in all
+    assert len(cells) == 2 * 2 + 2 * 2  # (2 member passes + sea + sea_fast) x 2 defenses
+    member_cells = [c for c in cells if c["attack"] == "apgd"]
+    assert {c["objective"] for c in member_cells} == {"masked_ce", "js_divergence"}
+    for c in member_cells:
+        expect = ["sea"] if c["objective"] == "masked_ce" else ["sea", "sea_fast"]
+        assert c["member_of"] == expect and c["num_steps"] == 2 and c["random_start"]
+    for name, steps in (("sea", 4), ("sea_fast", 2)):
+        ens = [c for c in cells if c["attack"] == name]
+        assert [c["defense"] for c in ens] == ["none", "bitdepth"]
+        for c in ens:
+            assert c["objective"] == "ensemble" and c["eps"] == 8.0 and c["num_steps"] == steps
+            own = {m["objective"]: m for m in c["members"]}
+            for m in member_cells:
+                if m["defense"] == c["defense"] and m["objective"] in own:
+                    assert own[m["objective"]]["PQ"] == m["PQ"]
+                    assert c["PQ"] <= m["PQ"] + 1e-9  # never above a member
+            assert sum(m["images"] for m in c["members"]) == c["num_images"] == 2
+    sea_dir = next(d for d in dirs if os.path.basename(d).startswith("sea_eps8_"))
+    with open(os.path.join(sea_dir, "selection.json")) as f:
+        selection = json.load(f)
+    # the member passes' directories in the order of ROBUSTNESS.SEA.MEMBERS
+    member_dirs = sorted(members, key=lambda d: _cell_of(cells, d)["objective"] != "masked_ce")
+    for c in [c for c in cells if c["attack"] == "sea"]:
+        exact = _selected_pq(names, sweep.cache_root, member_dirs, selection, c["defense"],
+                             tmp_path / "eval")  # fmt: skip
+        for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+            assert c[key] == pytest.approx(exact[key], abs=1e-6), key
+
+    # Re-run: every member pass is reused, none attacked again. One member's statistics are
+    # gone (a cache from before they existed): it is re-scored from its cached images.
+    from upsnet_robust.attacks.apgd import APGD
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("a cached member pass was attacked again")
+
+    monkeypatch.setattr(APGD, "perturb", no_attack)
+    os.remove(os.path.join(members[0], "image_stats.json"))
+    again = _sweep(names, tmp_path / "out").run()
+    assert os.path.isfile(os.path.join(members[0], "image_stats.json"))
+    key = [(c["attack"], c["objective"], c["defense"]) for c in cells]
+    assert [(c["attack"], c["objective"], c["defense"]) for c in again] == key
+    for a, b in zip(cells, again):
+        assert a["PQ"] == pytest.approx(b["PQ"], abs=1e-9)
+
+
+def _cell_of(cells, pass_dir):
+    """A member cell of the pass cached in ``pass_dir`` (matched through its cells.json)."""
+    with open(os.path.join(pass_dir, "cells.json")) as f:
+        return json.load(f)[0]
+
+
+def test_sweep_rejects_bad_members_before_data(synthetic_cityscapes_names, tmp_path):
+    with pytest.raises(ValueError, match=r"ROBUSTNESS.SEA.MEMBERS entry 'apgd:nope'"):
+        _sweep(synthetic_cityscapes_names, tmp_path, "ROBUSTNESS.SEA.MEMBERS", "['apgd:nope']")

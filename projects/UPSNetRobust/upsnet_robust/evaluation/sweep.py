@@ -214,9 +214,11 @@ class RobustnessSweep:
             if spec.get("ensemble"):
                 cells += self._ensemble_cells(spec, by_key, label)
                 continue
-            if key in by_key:  # a member equal to a pass listed before: same cache, same cells
+            if key in by_key:  # equal to a pass listed before (same key): its cells serve both
                 for c in by_key[key]:
-                    c["member_of"] = list(dict.fromkeys(c.get("member_of", []) + spec["member_of"]))
+                    both = c.get("member_of", []) + spec.get("member_of", [])
+                    if both:
+                        c["member_of"] = list(dict.fromkeys(both))
                 continue
             pass_cells = self._load_or_run(spec, key, label, key in member_keys)
             if spec.get("member_of"):
