@@ -435,3 +435,55 @@ def _cell_of(cells, pass_dir):
 def test_sweep_rejects_bad_members_before_data(synthetic_cityscapes_names, tmp_path):
     with pytest.raises(ValueError, match=r"ROBUSTNESS.SEA.MEMBERS entry 'apgd:nope'"):
         _sweep(synthetic_cityscapes_names, tmp_path, "ROBUSTNESS.SEA.MEMBERS", "['apgd:nope']")
+
+
+def test_sea_on_a_semantic_model(synthetic_cityscapes_root, tmp_path):
+    """sem_seg: the member passes keep per-image confusion matrices; the sea cell's mIoU is
+    the evaluator's on the selected cached outputs, and never above a member's."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from upsnet_robust.data import register_synthetic_cityscapes_semantic
+    from upsnet_robust.engine import get_upsnet_cfg, merge_with_hints
+    from upsnet_robust.evaluation import RobustnessSweep
+    from upsnet_robust.evaluation.evaluators import build_task_evaluator, headline_results
+    from upsnet_robust.evaluation.image_cache import ImageCache
+    from upsnet_robust.evaluation.semantic_stats import load_confusion_stats
+
+    name = register_synthetic_cityscapes_semantic(
+        synthetic_cityscapes_root, name_prefix="pytest_sea_semantic"
+    )[1]
+    cfg = get_upsnet_cfg()
+    merge_with_hints(
+        cfg, os.path.join(REPO_ROOT, "configs", "Synthetic", "semantic_fpn_tiny.yaml"),
+        ["DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path), "ROBUSTNESS.ATTACKS", "['sea']",
+         "ROBUSTNESS.SEA.MEMBERS", "['apgd:masked_ce', 'apgd:js_divergence']",
+         "ROBUSTNESS.SEA.NUM_STEPS", "2", "ROBUSTNESS.BATCH_SIZE", "2", "ROBUSTNESS.EPSILONS", "[8.0]",
+         "ROBUSTNESS.DEFENSES", "['none']", "ROBUSTNESS.INCLUDE_CLEAN", "False",
+         "INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    sweep = RobustnessSweep(cfg, build_model(cfg).eval(), "", str(tmp_path))
+    cells = sweep.run()
+    sea = next(c for c in cells if c["attack"] == "sea")
+    members = [c for c in cells if c.get("member_of") == ["sea"]]
+    assert len(members) == 2 and sea["metric"] == "mIoU" and sea["num_steps"] == 4
+    assert all(sea["mIoU"] <= m["mIoU"] + 1e-9 for m in members)
+    assert sum(m["images"] for m in sea["members"]) == sea["num_images"] == 2
+    (sea_dir,) = glob.glob(os.path.join(sweep.cache_root, "sea_*"))
+    with open(os.path.join(sea_dir, "selection.json")) as f:
+        selection = json.load(f)["none"]
+    member_dirs = sorted(
+        glob.glob(os.path.join(sweep.cache_root, "apgd_*")),
+        key=lambda d: _cell_of(cells, d)["objective"] != "masked_ce",
+    )
+    assert all(load_confusion_stats(d) is not None for d in member_dirs)
+    evaluator = build_task_evaluator(name, "sem_seg")
+    evaluator.reset()
+    for d in DatasetCatalog.get(name):
+        member = selection[str(d["image_id"])]
+        entry = ImageCache(member_dirs[member], ("sem_seg",)).load(d)
+        evaluator.process([d], [entry["outputs"]["none"]])
+    exact = headline_results("sem_seg", evaluator.evaluate())
+    for key in ("mIoU", "fwIoU", "mACC", "pACC"):
+        assert sea[key] == pytest.approx(exact[key], abs=1e-9), key
