@@ -60,19 +60,20 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.APGD_RADIUS_SCHEDULE = False  # 30/30/40 % of the iterations at 2, 1.5, 1 x eps
     _C.ROBUSTNESS.SEED = 0  # seeds random starts and proposal sampling, per image
     # SEA (Croce, Singh & Hein, ECCV 2024): "sea" / "sea_fast" in ATTACKS run, per eps, one pass
-    # per member ("attack:objective") and keep, per image, the member whose prediction lowers
-    # the data set's PQ (mIoU for semantic models) most: a greedy worst case over the ensemble.
+    # per member and keep, per image, the member whose prediction lowers the data set's PQ (mIoU
+    # for semantic models) most: a greedy worst case over the ensemble (docs/ATTACKS.md).
     _C.ROBUSTNESS.SEA = CN()
-    # Members: APGD with each dense loss of SEA (both versions of the paper), "attack:objective".
+    # Members of "sea", "attack:objective": APGD with each dense loss of SEA (both paper versions).
     _C.ROBUSTNESS.SEA.MEMBERS = ["apgd:masked_ce", "apgd:balanced_masked_ce", "apgd:js_divergence", "apgd:masked_spherical"]
-    # Iterations per member. SEA uses 300 on GPUs; 100 (AutoAttack's APGD standard) is CPU-sane.
+    # Iterations per member (replaces NUM_STEPS for members). SEA uses 300 on GPUs; 100
+    # (AutoAttack's APGD standard) keeps CPU runs sane.
     _C.ROBUSTNESS.SEA.NUM_STEPS = 100
-    _C.ROBUSTNESS.SEA.RANDOM_START = True  # as in SEA: each member starts inside the eps-ball
-    _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # APGD at 2, 1.5, 1 x eps (30/30/40 %), as in SEA
-    # "sea_fast": the two strongest members measured so far (masked_ce, js_divergence on the tiny
-    # UPSNet) at a quarter of the steps: 2 x 25 of sea's 4 x 100 forward-backward passes (12.5 %).
-    # Provisional; to be tuned by a benchmark against sea.
+    _C.ROBUSTNESS.SEA.RANDOM_START = True  # members start inside the eps-ball, as in SEA
+    _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
+    # Members of "sea_fast": the two strongest dense losses measured so far (on the tiny UPSNet).
     _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:masked_ce", "apgd:js_divergence"]
+    # Iterations per "sea_fast" member: 2 x 25 of sea's 4 x 100 forward-backward passes (12.5 %).
+    # Both FAST_ defaults are provisional, to be tuned by a benchmark against "sea".
     _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 25
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
