@@ -296,6 +296,13 @@ def test_bad_members_are_rejected_naming_the_key(members, error, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_ensembles_outside_the_sweep_are_rejected_clearly():
+    from upsnet_robust.evaluation.checks import check_sweep_attacks
+
+    with pytest.raises(ValueError, match="'sea' in ROBUSTNESS.ATTACKS is an ensemble"):
+        check_sweep_attacks(_StubAdapter(), ["pgd", "sea"], "semantic_ce")
+
+
 def test_members_the_model_cannot_serve_and_instance_models():
     from upsnet_robust.adapters.base import UnsupportedModelError
     from upsnet_robust.evaluation.checks import check_ensembles
@@ -456,9 +463,11 @@ def test_sea_on_a_semantic_model(synthetic_cityscapes_root, tmp_path):
     cfg = get_upsnet_cfg()
     merge_with_hints(
         cfg, os.path.join(REPO_ROOT, "configs", "Synthetic", "semantic_fpn_tiny.yaml"),
-        ["DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path), "ROBUSTNESS.ATTACKS", "['sea']",
+        ["DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path),
+         "ROBUSTNESS.ATTACKS", "['sea']",
          "ROBUSTNESS.SEA.MEMBERS", "['apgd:masked_ce', 'apgd:js_divergence']",
-         "ROBUSTNESS.SEA.NUM_STEPS", "2", "ROBUSTNESS.BATCH_SIZE", "2", "ROBUSTNESS.EPSILONS", "[8.0]",
+         "ROBUSTNESS.SEA.NUM_STEPS", "2", "ROBUSTNESS.BATCH_SIZE", "2",
+         "ROBUSTNESS.EPSILONS", "[8.0]",
          "ROBUSTNESS.DEFENSES", "['none']", "ROBUSTNESS.INCLUDE_CLEAN", "False",
          "INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0"],
     )  # fmt: skip

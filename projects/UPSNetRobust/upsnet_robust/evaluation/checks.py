@@ -8,6 +8,7 @@ from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
 from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError, attack_class
 from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
+from .sweep_passes import ENSEMBLES, ensemble_members
 
 __all__ = [
     "check_attack_objective",
@@ -104,10 +105,18 @@ def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: s
 def check_sweep_attacks(
     adapter: ModelAdapter, attacks: Iterable[str], objective: str, skip: Iterable[str] = ("clean",)
 ) -> None:
-    """:func:`check_attack_objective` for every attack of a sweep."""
+    """:func:`check_attack_objective` for every attack of a sweep. Ensembles ("sea") must be
+    in ``skip`` (the sweep checks them with :func:`check_ensembles`): elsewhere they fail."""
     for name in attacks:
-        if name not in skip:
-            check_attack_objective(adapter, name, objective)
+        if name in skip:
+            continue
+        if name in ENSEMBLES:
+            raise ValueError(
+                f"{name!r} in ROBUSTNESS.ATTACKS is an ensemble (ROBUSTNESS.SEA) that only the "
+                "robustness sweep runs; list its members' attacks here instead (e.g. 'apgd' with "
+                "ROBUSTNESS.OBJECTIVE 'masked_ce')"
+            )
+        check_attack_objective(adapter, name, objective)
 
 
 #: Tasks whose evaluations keep the per-image statistics an ensemble's selection needs.
@@ -122,8 +131,6 @@ def check_ensembles(adapter: ModelAdapter, cfg) -> None:
         UnsupportedModelError: an instance-only model, or a member the adapter cannot serve.
         ValueError: a malformed or unknown member, naming the key and the entry.
     """
-    from .sweep_passes import ENSEMBLES, ensemble_members
-
     for name in OrderedDict.fromkeys(cfg.ROBUSTNESS.ATTACKS):
         if name not in ENSEMBLES:
             continue
