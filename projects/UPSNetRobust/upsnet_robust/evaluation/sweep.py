@@ -105,8 +105,7 @@ class RobustnessSweep:
         check_sweep_attacks(
             self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE, (CLEAN, *ENSEMBLES)
         )
-        check_ensembles(self.adapter, cfg)
-        sweep_passes(cfg)  # malformed ensemble settings fail here
+        check_ensembles(self.adapter, cfg)  # members, their steps and the model's task
         self.output_dir = output_dir
         self.on_example = on_example
         self._defense_workers = None
