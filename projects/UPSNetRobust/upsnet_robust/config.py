@@ -65,6 +65,22 @@ def add_robustness_config(cfg):
     # all its images have. Saves passes; off keeps the study's protocol and caches (when on, it
     # is part of each pass's key). Rejected at set-up with other objectives and ADAPTIVE.
     _C.ROBUSTNESS.EARLY_STOP = False
+    # SEA (Croce, Singh & Hein, ECCV 2024): "sea" / "sea_fast" in ATTACKS run, per eps, one pass
+    # per member and keep, per image, the member whose prediction lowers the data set's PQ (mIoU
+    # for semantic models) most: a greedy worst case over the ensemble (docs/ATTACKS.md).
+    _C.ROBUSTNESS.SEA = CN()
+    # Members of "sea", "attack:objective": APGD with each dense loss of SEA (both paper versions).
+    _C.ROBUSTNESS.SEA.MEMBERS = ["apgd:masked_ce", "apgd:balanced_masked_ce", "apgd:js_divergence", "apgd:masked_spherical"]
+    # Iterations per member (replaces NUM_STEPS for members). SEA uses 300 on GPUs; 100
+    # (AutoAttack's APGD standard) keeps CPU runs sane.
+    _C.ROBUSTNESS.SEA.NUM_STEPS = 100
+    _C.ROBUSTNESS.SEA.RANDOM_START = True  # members start inside the eps-ball, as in SEA
+    _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
+    # Members of "sea_fast": the two strongest dense losses measured so far (on the tiny UPSNet).
+    _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:masked_ce", "apgd:js_divergence"]
+    # Iterations per "sea_fast" member: 2 x 25 of sea's 4 x 100 forward-backward passes (12.5 %).
+    # Both FAST_ defaults are provisional, to be tuned by a benchmark against "sea".
+    _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 25
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
     # Round adversarial images to uint8 before defense / model (wipes out eps < 1 if True).

@@ -1,17 +1,20 @@
 # Copyright (c) UPSNetRobust authors.
 """Set-up checks of a robustness run: everything that can be known to fail before the model
 runs on a single image (model adapter, attack/objective pairs, data set, evaluator)."""
+from collections import OrderedDict
 from typing import Iterable, List
 
 from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
-from ..attacks.registry import ATTACK_REGISTRY, attack_class
+from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError, attack_class
 from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
+from .sweep_passes import ENSEMBLES, ensemble_members
 
 __all__ = [
     "check_attack_objective",
     "check_early_stop",
     "check_dataset_registered",
+    "check_ensembles",
     "check_sweep_attacks",
     "objective_for",
 ]
@@ -103,10 +106,18 @@ def check_attack_objective(adapter: ModelAdapter, attack_name: str, objective: s
 def check_sweep_attacks(
     adapter: ModelAdapter, attacks: Iterable[str], objective: str, skip: Iterable[str] = ("clean",)
 ) -> None:
-    """:func:`check_attack_objective` for every attack of a sweep."""
+    """:func:`check_attack_objective` for every attack of a sweep. Ensembles ("sea") must be
+    in ``skip`` (the sweep checks them with :func:`check_ensembles`): elsewhere they fail."""
     for name in attacks:
-        if name not in skip:
-            check_attack_objective(adapter, name, objective)
+        if name in skip:
+            continue
+        if name in ENSEMBLES:
+            raise ValueError(
+                f"{name!r} in ROBUSTNESS.ATTACKS is an ensemble (ROBUSTNESS.SEA) that only the "
+                "robustness sweep runs; list its members' attacks here instead (e.g. 'apgd' with "
+                "ROBUSTNESS.OBJECTIVE 'masked_ce')"
+            )
+        check_attack_objective(adapter, name, objective)
 
 
 def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
@@ -129,7 +140,9 @@ def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
 
     usable = [n for n, c in sorted(OBJECTIVE_REGISTRY) if getattr(c, "supports_early_stop", False)]
     for name in r.ATTACKS:
-        if name in skip or not getattr(attack_class(name), "supports_early_stop", False):
+        if name in skip or name in ENSEMBLES:  # members: see check_ensembles
+            continue
+        if not getattr(attack_class(name), "supports_early_stop", False):
             continue
         objective = objective_for(name, r.OBJECTIVE)
         if not getattr(objective_class(objective), "supports_early_stop", False):
@@ -140,3 +153,70 @@ def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
                 f"{', '.join(usable)}, or set ROBUSTNESS.EARLY_STOP False"
                 + (" (ILLC is targeted: leave it out)" if name == "illc" else "")
             )
+
+
+#: Tasks whose evaluations keep the per-image statistics an ensemble's selection needs.
+ENSEMBLE_TASKS = ("panoptic_seg", "sem_seg")
+
+
+def check_ensembles(adapter: ModelAdapter, cfg) -> None:
+    """Each ensemble ("sea", "sea_fast") in ROBUSTNESS.ATTACKS: a task it can select for (PQ
+    or mIoU) and members (ROBUSTNESS.SEA) that exist and that the model can serve.
+
+    Raises:
+        UnsupportedModelError: an instance-only model, or a member the adapter cannot serve.
+        ValueError: a malformed or unknown member, naming the key and the entry.
+    """
+    for name in OrderedDict.fromkeys(cfg.ROBUSTNESS.ATTACKS):
+        if name not in ENSEMBLES:
+            continue
+        if adapter.task not in ENSEMBLE_TASKS:
+            raise UnsupportedModelError(
+                f"{adapter.meta_architecture}: {name!r} in ROBUSTNESS.ATTACKS picks per image the "
+                f"member that lowers the data set's PQ or mIoU, but this model's task is "
+                f"{adapter.task!r}, which has no additive per-image statistics; remove {name!r} "
+                "and list the attacks to compare in ROBUSTNESS.ATTACKS instead"
+            )
+        key = f"ROBUSTNESS.SEA.{ENSEMBLES[name][0]}"
+        for entry, member in ensemble_members(cfg, name):
+            _check_member(adapter, key, entry, member["attack"], member["objective"])
+
+
+def _check_member(adapter: ModelAdapter, key: str, entry: str, attack: str, objective: str):
+    where = f"{key} entry {entry!r}"
+    try:
+        cls = attack_class(attack)
+    except UnknownAttackError:
+        registered = ", ".join(sorted(k for k, _ in ATTACK_REGISTRY))
+        raise ValueError(
+            f"{where}: unknown attack {attack!r}; registered attacks: {registered} (e.g. "
+            f"'apgd:{objective}')"
+        ) from None
+    dense = _dense_objectives(adapter)
+    usable = dense if getattr(cls, "needs_dense_objective", False) else _usable_objectives(adapter)
+    suggestion = f"objectives this model serves: {', '.join(usable) or 'none'}"
+    try:
+        obj_cls = objective_class(objective)
+    except KeyError:
+        raise ValueError(f"{where}: unknown objective {objective!r}; {suggestion}") from None
+    required = getattr(cls, "required_objective", None)
+    if required and required != objective:
+        raise ValueError(
+            f"{where}: attack {attack!r} always maximises {required!r}; write "
+            f"'{attack}:{required}' or choose another attack, e.g. 'apgd:{objective}'"
+        )
+    try:
+        check_attack_objective(adapter, attack, objective)
+    except UnsupportedModelError as e:
+        needs = getattr(obj_cls, "requires", "")
+        if needs and not adapter.has(needs):
+            reason = (
+                f"objective {objective!r} needs the model's {needs.replace('_', ' ')}, which its "
+                f"adapter ({type(adapter).__name__}) does not expose"
+            )
+        else:
+            reason = str(e)
+        raise UnsupportedModelError(
+            f"{where} cannot run on {adapter.meta_architecture}: {reason}. Use members "
+            f"'{attack}:objective' with {suggestion}"
+        ) from None

@@ -23,12 +23,14 @@ from detectron2.utils import comm
 
 from .image_cache import FAILED_KEY
 from .panoptic_stats import image_panoptic_stats, load_panoptic_gt, panoptic_ids_from_png
+from .semantic_stats import sparse_confusion
 
 __all__ = [
     "MultiVariantEvaluator",
     "PanopticSubsetEvaluator",
     "PanopticSemSegEvaluator",
     "LabelSemSegEvaluator",
+    "PerImageSemSegEvaluator",
     "InstanceSubsetEvaluator",
     "build_task_evaluator",
     "headline_results",
@@ -172,6 +174,44 @@ class LabelSemSegEvaluator(SemSegEvaluator):
         super().process(inputs, outputs)
 
 
+class PerImageSemSegEvaluator(LabelSemSegEvaluator):
+    """LabelSemSegEvaluator that, with ``per_image_stats``, also keeps each image's confusion
+    matrix: the increment the image adds to detectron2's own matrix, so their sum is the
+    matrix detectron2 scores. They are returned, gathered from every process, under
+    ``"sem_seg_stats"``: ``{"images": {image_id: sparse (n, 3)}, "num_classes": K}``
+    (:mod:`.semantic_stats`; the ``sea`` worst case reads them)."""
+
+    def __init__(self, dataset_name, *args, per_image_stats: bool = False, **kwargs):
+        self._per_image_stats = per_image_stats
+        self._image_conf = {}
+        super().__init__(dataset_name, *args, **kwargs)
+
+    def reset(self):
+        super().reset()
+        self._image_conf = {}
+
+    def process(self, inputs, outputs):
+        if not self._per_image_stats:
+            return super().process(inputs, outputs)
+        for x, o in zip(inputs, outputs):
+            before = self._conf_matrix.copy()
+            super().process([x], [o])
+            key = x.get("image_id", os.path.basename(x["file_name"]))
+            self._image_conf[key] = sparse_confusion((self._conf_matrix - before)[:-1, :-1])
+
+    def evaluate(self):
+        stats = None
+        if self._per_image_stats:  # every process gathers (a collective call), then scores
+            images = {}
+            for part in comm.all_gather(self._image_conf):
+                images.update(part)
+            stats = {"images": images, "num_classes": self._num_classes}
+        results = super().evaluate()
+        if results is not None and stats is not None:
+            results["sem_seg_stats"] = stats
+        return results
+
+
 class InstanceSubsetEvaluator(COCOEvaluator):
     """detectron2's COCOEvaluator (box and mask AP) over the images it was given: COCO's
     evaluation would count every unscored image of the data set as all misses."""
@@ -183,7 +223,7 @@ class InstanceSubsetEvaluator(COCOEvaluator):
         return super().evaluate(img_ids=img_ids if img_ids is not None else scored)
 
 
-class PanopticSemSegEvaluator(LabelSemSegEvaluator):
+class PanopticSemSegEvaluator(PerImageSemSegEvaluator):
     """detectron2's SemSegEvaluator (mIoU) on a panoptic data set.
 
     Panoptic metadata maps only stuff ids in ``stuff_dataset_id_to_contiguous_id``; the semantic
@@ -251,6 +291,8 @@ def build_task_evaluator(
     the detectron2 way from its metadata's ``evaluator_type``. Cityscapes' own semantic and
     instance evaluators are replaced by detectron2's generic ones (SemSegEvaluator,
     COCOEvaluator), which score the same predictions on any number of processes.
+    ``per_image_stats``: panoptic and semantic evaluators also return per-image statistics
+    (``"panoptic_stats"``, ``"sem_seg_stats"``) beside their metrics.
 
     Raises:
         ValueError: the data set cannot score that task, naming both and what would.
@@ -260,9 +302,13 @@ def build_task_evaluator(
     if task == "panoptic_seg" and kind in _PANOPTIC_TYPES:
         return PanopticSubsetEvaluator(dataset_name, output_dir, per_image_stats=per_image_stats)
     if task == "sem_seg" and kind in _SEM_SEG_TYPES:
-        return LabelSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+        return PerImageSemSegEvaluator(
+            dataset_name, distributed=True, output_dir=output_dir, per_image_stats=per_image_stats
+        )
     if task == "sem_seg" and kind in _PANOPTIC_TYPES and meta.get("stuff_classes", None):
-        return PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+        return PanopticSemSegEvaluator(
+            dataset_name, distributed=True, output_dir=output_dir, per_image_stats=per_image_stats
+        )
     if task == "instances" and kind in _INSTANCE_TYPES:
         return InstanceSubsetEvaluator(dataset_name, distributed=True, output_dir=output_dir)
     wanted = {"panoptic_seg": _PANOPTIC_TYPES, "sem_seg": _SEM_SEG_TYPES + _PANOPTIC_TYPES,

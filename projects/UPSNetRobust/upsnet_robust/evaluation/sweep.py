@@ -6,7 +6,9 @@ them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense). With
 ``ROBUSTNESS.ADAPTIVE``, each attack x eps also gets one *adaptive pass* per defense other than
 "none": the attack runs against ``model o defense`` (BPDA with ``ROBUSTNESS.BPDA_SURROGATE``, EOT
 with ``ROBUSTNESS.EOT_SAMPLES`` masks for TVM) and its images are scored with that defense only
-(one cell, ``"adaptive": true``). Finished images are
+(one cell, ``"adaptive": true``). The ensembles ``sea`` and ``sea_fast`` run one member pass per
+member of ``ROBUSTNESS.SEA`` and then select, per image, the member that lowers the data set's
+metric most (:mod:`.sweep_passes`, :mod:`.ensemble`). Finished images are
 cached per pass, finished passes store their cells; both live under a directory keyed by a
 fingerprint of the model config and the checkpoint's bytes, and each pass's directory by a hash
 of its attack, objective, defense and data settings, so a changed config or checkpoint never
@@ -31,18 +33,25 @@ from ..defenses.workers import DefenseWorkers
 from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
 from .breakdown import cell_breakdown
-from .checks import check_dataset_registered, check_early_stop, check_sweep_attacks
+from .checks import check_dataset_registered, check_early_stop, check_ensembles, check_sweep_attacks
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import amp_dtype
 from .panoptic_stats import save_image_stats
 from .robust_mapper import RobustMapper, objective_needs_segments
+from .sea_cells import STATS_FILES, ensemble_cells, save_selection
+from .semantic_stats import save_confusion_stats
+from .sweep_passes import (
+    CLEAN,
+    ENSEMBLES,
+    adaptive_defense_names,
+    member_tag,
+    spec_cfg,
+    sweep_passes,
+)
 
-__all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
+__all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]  # sweep_passes: re-exported
 
 logger = logging.getLogger(__name__)
-
-CLEAN = "clean"
-
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -62,30 +71,6 @@ def fingerprint(cfg, weights: str) -> str:
     else:
         h.update(f"weights:{weights}".encode())
     return h.hexdigest()[:16]
-
-
-def adaptive_defense_names(cfg) -> List[str]:
-    """Defenses that get adaptive passes: those of ROBUSTNESS.DEFENSES other than "none" (in
-    order, without repeats), if ROBUSTNESS.ADAPTIVE; else none."""
-    if not cfg.ROBUSTNESS.ADAPTIVE:
-        return []
-    return [d for d in OrderedDict.fromkeys(cfg.ROBUSTNESS.DEFENSES) if d != "none"]
-
-
-def sweep_passes(cfg) -> List[Dict]:
-    """The passes of a sweep, in order: clean first (if configured), then attack x eps, then
-    (ROBUSTNESS.ADAPTIVE) attack x eps x defense adaptive passes. Each spec is
-    ``{"attack", "eps", "adaptive"}`` with ``adaptive`` the attacked defense's name or None."""
-    r = cfg.ROBUSTNESS
-    passes = [{"attack": CLEAN, "eps": 0.0, "adaptive": None}] if r.INCLUDE_CLEAN else []
-    for name in r.ATTACKS:
-        for eps in r.EPSILONS:
-            passes.append({"attack": name, "eps": float(eps), "adaptive": None})
-    for name in r.ATTACKS:
-        for eps in r.EPSILONS:
-            for d in adaptive_defense_names(cfg):
-                passes.append({"attack": name, "eps": float(eps), "adaptive": d})
-    return passes
 
 
 def _safe(name: str) -> str:
@@ -118,7 +103,10 @@ class RobustnessSweep:
         check_dataset_registered(self.dataset_name)
         self.adapter = adapter if adapter is not None else build_adapter(cfg, model)
         self.task = self.adapter.task
-        check_sweep_attacks(self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        check_sweep_attacks(
+            self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE, (CLEAN, *ENSEMBLES)
+        )
+        check_ensembles(self.adapter, cfg)  # members, their steps and the model's task
         check_early_stop(cfg)
         self.output_dir = output_dir
         self.on_example = on_example
@@ -144,11 +132,13 @@ class RobustnessSweep:
         n = self.cfg.ROBUSTNESS.MAX_IMAGES
         return dicts[:n] if n > 0 else dicts
 
-    def _loader(self):
+    def _loader(self, objective: Optional[str] = None):
+        """The test images through the model's mapper, plus the ground truth ``objective``
+        reads (a pass's own objective: a member's may differ from ROBUSTNESS.OBJECTIVE)."""
         mapper = self.mapper or self.adapter.test_mapper(self.cfg)
         mapper = RobustMapper(
             mapper or DatasetMapper(self.cfg, is_train=False),
-            panoptic_segments=objective_needs_segments(self.cfg.ROBUSTNESS.OBJECTIVE),
+            panoptic_segments=bool(objective) and objective_needs_segments(objective),
         )
         return build_detection_test_loader(
             self._dataset(),
@@ -161,7 +151,7 @@ class RobustnessSweep:
     def _attack(self, spec: Dict):
         if spec["attack"] == CLEAN:
             return None
-        return build_attack(self.cfg, spec["attack"], spec["eps"])
+        return build_attack(spec_cfg(self.cfg, spec), spec["attack"], spec["eps"])
 
     def _adaptive_settings(self, defense: str) -> Dict:
         """Surrogate description and EOT samples of an adaptive pass against ``defense``."""
@@ -178,7 +168,7 @@ class RobustnessSweep:
         adaptive = spec.get("adaptive")
         desc = {
             "attack": attack.describe() if attack is not None else CLEAN,
-            "objective": self._objective(attack),
+            "objective": self._objective(attack, spec),
             "quantize": r.QUANTIZE,
             "seed": r.SEED,
             "defenses": self.defense_names,
@@ -196,10 +186,11 @@ class RobustnessSweep:
         tag = f"_adaptive-{_safe(adaptive)}" if adaptive else ""
         return f"{spec['attack']}_eps{spec['eps']:g}{tag}_{digest}"
 
-    def _objective(self, attack) -> Optional[str]:
+    def _objective(self, attack, spec: Optional[Dict] = None) -> Optional[str]:
         if attack is None:
             return None
-        return getattr(attack, "required_objective", None) or self.cfg.ROBUSTNESS.OBJECTIVE
+        objective = spec_cfg(self.cfg, spec or {}).ROBUSTNESS.OBJECTIVE  # a member's own
+        return getattr(attack, "required_objective", None) or objective
 
     def _evaluator(self):
         """The task's evaluator on the test set (COCO-format conversions cached once)."""
@@ -219,31 +210,69 @@ class RobustnessSweep:
                 self._defense_workers = None
 
     def _run_passes(self) -> List[Dict]:
-        cells = []
         passes = sweep_passes(self.cfg)
-        for index, spec in enumerate(passes):
-            attack = self._attack(spec)
-            key = self._pass_key(spec, attack)
-            pass_dir = os.path.join(self.cache_root, key)
-            done = os.path.join(pass_dir, "cells.json")
-            if os.path.isfile(done):
-                logger.info("[%d/%d] %s: finished earlier, loading %s", index + 1, len(passes), key, done)
-                with open(done) as f:
-                    cells += json.load(f)
+        keys = [None if p.get("ensemble") else self._pass_key(p, self._attack(p)) for p in passes]
+        # passes whose per-image statistics an ensemble reads (a plain pass may be one too)
+        member_keys = {k for p, k in zip(passes, keys) if p.get("member_of")}
+        cells, by_key = [], {}
+        for index, (spec, key) in enumerate(zip(passes, keys)):
+            label = f"[{index + 1}/{len(passes)}] {key or spec['attack']}"
+            if spec.get("ensemble"):
+                cells += self._ensemble_cells(spec, by_key, label)
                 continue
-            logger.info("[%d/%d] %s: running", index + 1, len(passes), key)
-            pass_cells = self._run_pass(spec, attack, pass_dir)
-            if comm.is_main_process():
-                atomic_json(done, pass_cells)
-            comm.synchronize()
+            if key in by_key:  # equal to a pass listed before (same key): its cells serve both
+                for c in by_key[key]:
+                    both = c.get("member_of", []) + spec.get("member_of", [])
+                    if both:
+                        c["member_of"] = list(dict.fromkeys(both))
+                continue
+            pass_cells = self._load_or_run(spec, key, label, key in member_keys)
+            if spec.get("member_of"):
+                pass_cells = [dict(c, member_of=list(spec["member_of"])) for c in pass_cells]
+            by_key[key] = pass_cells
             cells += pass_cells
+        return cells
+
+    def _load_or_run(self, spec: Dict, key: str, label: str, needs_stats: bool) -> List[Dict]:
+        """A pass's cells: stored ones, else run (or resumed) and stored. A member pass stored
+        without per-image statistics (before they existed) is re-scored from its cached images."""
+        pass_dir = os.path.join(self.cache_root, key)
+        done = os.path.join(pass_dir, "cells.json")
+        stats = STATS_FILES.get(self.task)
+        lacks = needs_stats and stats and not os.path.isfile(os.path.join(pass_dir, stats))
+        if os.path.isfile(done) and not lacks:
+            logger.info("%s: finished earlier, loading %s", label, done)
+            with open(done) as f:
+                return json.load(f)
+        logger.info("%s: %s", label, "re-scoring for per-image statistics" if lacks else "running")
+        pass_cells = self._run_pass(spec, self._attack(spec), pass_dir)
+        if comm.is_main_process():
+            atomic_json(done, pass_cells)
+        comm.synchronize()
+        return pass_cells
+
+    def _ensemble_cells(self, spec: Dict, by_key: Dict, label: str) -> List[Dict]:
+        """The ensemble's cells (main process), selected from its member passes' stored
+        per-image statistics; the selection is kept in its own directory for inspection."""
+        if not comm.is_main_process():
+            return []
+        members, keys = [], []
+        for member in spec["members"]:
+            key = self._pass_key(member, self._attack(member))
+            keys.append(key)
+            members.append((member, os.path.join(self.cache_root, key), by_key[key]))
+        cells, selections = ensemble_cells(spec, members, self.task)
+        digest = _sha(json.dumps(keys).encode())[:10]
+        directory = os.path.join(self.cache_root, f"{spec['attack']}_eps{spec['eps']:g}_{digest}")
+        save_selection(directory, self.task, selections)
+        logger.info("%s: worst case over %d members, kept in %s", label, len(members), directory)
         return cells
 
     def _run_pass(self, spec: Dict, attack, pass_dir: str) -> List[Dict]:
         adaptive = spec.get("adaptive")
         defense_names = [adaptive] if adaptive else self.defense_names
         wrapper = AdversarialInference(
-            self.cfg,
+            spec_cfg(self.cfg, spec),
             self.adapter,
             attack,
             OrderedDict((d, self.defenses[d]) for d in defense_names),
@@ -254,7 +283,8 @@ class RobustnessSweep:
             output_keys=(self.task,),  # what the evaluators (and the example grids) read
         )
         evaluator = MultiVariantEvaluator({d: self._evaluator() for d in defense_names})
-        results = inference_on_dataset(wrapper, self._loader(), evaluator)
+        loader = self._loader(self._objective(attack, spec))
+        results = inference_on_dataset(wrapper, loader, evaluator)
         records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
         if not comm.is_main_process():
             return []
@@ -266,6 +296,14 @@ class RobustnessSweep:
         }
         if stats:
             save_image_stats(pass_dir, stats)
+        # per-image confusion matrices of each defense (semantic tasks), likewise
+        confusion = {
+            d: results[d].pop("sem_seg_stats")
+            for d in defense_names
+            if "sem_seg_stats" in (results.get(d) or {})
+        }
+        if confusion:
+            save_confusion_stats(pass_dir, confusion)
         return self._cells(spec, attack, results, records, stats)
 
     def _example_hook(self, spec: Dict):
@@ -275,6 +313,8 @@ class RobustnessSweep:
         if spec.get("adaptive"):
             # A distinct name for the adaptive pass's grids (writers name files by attack, eps).
             spec = dict(spec, attack=f"{spec['attack']}-adaptive-{_safe(spec['adaptive'])}")
+        elif spec.get("member_of"):  # a member's grids, apart from a plain pass of its attack
+            spec = dict(spec, attack=member_tag(spec))
 
         def hook(x, clean, adv, defended, outputs):
             if budget["left"] > 0:
@@ -297,7 +337,7 @@ class RobustnessSweep:
                 "task": self.task,
                 "metric": self.adapter.headline_metric,
                 "attack": spec["attack"],
-                "objective": self._objective(attack),
+                "objective": self._objective(attack, spec),
                 "eps": spec["eps"],
                 "num_steps": int(desc.get("num_steps", 0) or 0),
                 "step_size": float(desc.get("step_size", 0.0) or 0.0),
