@@ -336,6 +336,7 @@ SEA_OPTS = [
     "ROBUSTNESS.NUM_STEPS", "2",
     "ROBUSTNESS.RANDOM_START", "True",
     "ROBUSTNESS.APGD_RADIUS_SCHEDULE", "True",
+    "ROBUSTNESS.EARLY_STOP", "True",  # as the members (SEA.EARLY_STOP)
     "ROBUSTNESS.EPSILONS", "[8.0]",
     "ROBUSTNESS.DEFENSES", "['none', 'bitdepth']",
     "ROBUSTNESS.INCLUDE_CLEAN", "False",

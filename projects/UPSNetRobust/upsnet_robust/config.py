@@ -76,6 +76,8 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.SEA.NUM_STEPS = 100
     _C.ROBUSTNESS.SEA.RANDOM_START = True  # members start inside the eps-ball, as in SEA
     _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
+    # Members stop an image once none of its labelled pixels is right (EARLY_STOP), as in SEA.
+    _C.ROBUSTNESS.SEA.EARLY_STOP = True
     # Members of "sea_fast": the two strongest dense losses measured so far (on the tiny UPSNet).
     _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:masked_ce", "apgd:js_divergence"]
     # Iterations per "sea_fast" member: 2 x 25 of sea's 4 x 100 forward-backward passes (12.5 %).
