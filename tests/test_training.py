@@ -142,6 +142,23 @@ def test_test_with_attack_gives_the_objective_its_ground_truth(synthetic_citysca
     assert res["panoptic_seg_fgsm_eps8"]["PQ"] < clean, (clean, res)
 
 
+def test_attacked_evaluation_rejects_sweep_only_attacks_before_training(
+    synthetic_cityscapes_names, tmp_path
+):
+    """An ensemble ("sea") cannot run in training's attacked evaluation: the Trainer says so
+    when it builds its hooks, before the first iteration."""
+    cfg = tiny_cfg(
+        "DATASETS.TRAIN", f"('{synthetic_cityscapes_names['train']}',)",
+        "DATASETS.TEST", f"('{synthetic_cityscapes_names['val']}',)",
+        "OUTPUT_DIR", str(tmp_path),
+        "ROBUSTNESS.ATTACKS", "['sea']",
+        "ROBUSTNESS.TRAIN_EVAL_PERIOD", "5",
+        *TRAIN_OPTS,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'sea' in ROBUSTNESS.ATTACKS is an ensemble"):
+        Trainer(cfg)
+
+
 def test_defense_transform_in_the_dataset_mapper(synthetic_cityscapes_names):
     """Stored / transferred adversarial images: the defense runs as a mapper augmentation."""
     import cv2

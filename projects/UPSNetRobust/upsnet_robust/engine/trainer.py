@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from ..adapters.base import AdapterInference, adapter_class, build_adapter
 from ..attacks import build_attack
 from ..evaluation import AdversarialInference, MultiVariantEvaluator, PanopticSemSegEvaluator
+from ..evaluation.checks import check_early_stop, check_sweep_attacks
 from ..evaluation.evaluators import build_task_evaluator
 from ..evaluation.robust_mapper import RobustMapper, objective_needs_segments
 from ..modeling import UPSNetCheckpointer
@@ -129,8 +130,18 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         period = self.cfg.ROBUSTNESS.TRAIN_EVAL_PERIOD
         if period > 0:
+            # fail now, not at the first evaluation hours into training
+            self._check_attacks(self.cfg, self.model)
             ret.insert(-1, hooks.EvalHook(period, lambda: self.test_with_attack(self.cfg, self.model)))
         return ret
+
+    @staticmethod
+    def _check_attacks(cfg, model):
+        """Every ROBUSTNESS.ATTACKS entry can run on the model with ROBUSTNESS.OBJECTIVE (the
+        ensembles of the sweep, "sea", cannot run here: the message says what to list)."""
+        adapter = build_adapter(cfg, model)
+        check_sweep_attacks(adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        check_early_stop(cfg)
 
     @classmethod
     def test_with_attack(cls, cfg, model, evaluators=None):
@@ -139,6 +150,7 @@ class Trainer(DefaultTrainer):
         Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``. Images the
         attack could not score (non-finite gradients) are skipped and logged.
         """
+        cls._check_attacks(cfg, model)
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
             # the data set's label convention (e.g. PanopticFPN's separated labels)
