@@ -51,6 +51,10 @@ def get_parser():
         help="ROBUSTNESS.SEA.NUM_STEPS (config default; 8 with --quick)",
     )  # fmt: skip
     parser.add_argument(
+        "--sea-fast-steps", type=int, default=None,
+        help="ROBUSTNESS.SEA.FAST_NUM_STEPS (config default; 2 with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
         "--output-dir",
         default=os.path.join(bu.REPO_ROOT, "output", "bench_attack_strength"),
         help="sweep caches (kept: a rerun resumes)",
@@ -73,6 +77,8 @@ def _cfg(args, device, attack, eps, overrides):
     ]  # fmt: skip
     if args.sea_steps:
         opts += ["ROBUSTNESS.SEA.NUM_STEPS", str(args.sea_steps)]
+    if args.sea_fast_steps:
+        opts += ["ROBUSTNESS.SEA.FAST_NUM_STEPS", str(args.sea_fast_steps)]
     cfg = bu.load_cfg(args.config_file, opts + list(overrides), device)
     return cfg
 
@@ -113,7 +119,7 @@ def _runs_at(args, device, model, eps):
         cells, seconds = _sweep(cfg, model, args)
         if name == "sea":
             for cell in cells:
-                if cell.get("member_of") == "sea":
+                if "sea" in (cell.get("member_of") or []) and cell["defense"] == "none":
                     rows.append(_row(f"apgd:{cell.get('objective')}", cell))
         rows.append(_row(name, _attacked(cells, name), seconds))
     return rows
@@ -179,8 +185,9 @@ def run(args) -> dict:
     device = bu.prepare_run(args)
     args.images = args.images or (2 if args.quick else 10)
     args.steps = args.steps or (4 if args.quick else 40)
-    if args.quick and not args.sea_steps:
-        args.sea_steps = 8
+    if args.quick:
+        args.sea_steps = args.sea_steps or 8
+        args.sea_fast_steps = args.sea_fast_steps or 2
     eps_values = args.eps or ([16.0] if args.quick else [8.0, 16.0])
     cfg = _cfg(args, device, "pgd", eps_values[0], [])
     model = bu.build_model_for_bench(cfg, args.weights, seed=args.seed)
@@ -200,6 +207,9 @@ def run(args) -> dict:
         "images": args.images,
         "steps": args.steps,
         "sea_steps": cfg.ROBUSTNESS.SEA.NUM_STEPS,
+        "sea_members": list(cfg.ROBUSTNESS.SEA.MEMBERS),
+        "sea_fast_steps": cfg.ROBUSTNESS.SEA.FAST_NUM_STEPS,
+        "sea_fast_members": list(cfg.ROBUSTNESS.SEA.FAST_MEMBERS),
         "rows": rows,
         "goals": goals,
         "plot": os.path.relpath(plot, bu.REPO_ROOT),
