@@ -139,3 +139,22 @@ def test_apgd_vs_pgd_passes_within_tolerance_and_ignores_other_budgets():
         _cell("pgd", 4, 10.0, num_steps=100, defense="median"),
     ]
     assert check_apgd_vs_pgd([_cell("apgd", 4, 30.0, num_steps=100)] + others) == []
+
+
+# -- how the report names ensemble members -------------------------------------------------------
+def test_report_titles_members_by_objective_and_names_their_ensemble():
+    from upsnet_robust.evaluation.report import as_cells, markdown_report, report_kind
+
+    cells = [
+        _cell("clean", 0, 60.0),
+        _cell("apgd", 16, 25.0, objective="masked_ce", member_of=["sea"]),
+        _cell("apgd", 16, 30.0, objective="js_divergence", member_of=["sea", "sea_fast"]),
+        _cell("pgd", 16, 40.0),
+        _cell("sea", 16, 20.0, objective="ensemble", members=_members(25.0, 30.0)),
+    ]
+    cells = as_cells(cells)
+    text = markdown_report(cells, report_kind(cells), {}, sanity_checks(cells), METRIC_TOLERANCE)
+    assert "## Attack: apgd [masked_ce]" in text and "## Attack: apgd [js_divergence]" in text
+    assert "## Attack: pgd\n" in text  # one objective: no bracket
+    assert "Member of `sea`: " in text and "Member of `sea`, `sea_fast`: " in text
+    assert "greedy selection" in text

@@ -10,7 +10,7 @@ per-class drop at each attack's largest eps, every sanity check and the failed i
 
 import datetime
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Dict, List, Sequence
 
 from ._format import attack_label, fmt, fmt_eps, jsonable, md_table, unique
@@ -173,6 +173,20 @@ def _attack_intro(group: Sequence[ResultCell], objective, adaptive: bool) -> str
     return f"Objective: `{objective}`; {how}; random start: {bool(group[0].random_start)}."
 
 
+def _ensemble_note(group: Sequence[ResultCell]) -> str:
+    """Which ensembles a member's cells serve, or how an ensemble's cells were made."""
+    serves = unique(e for c in group for e in (c.get("member_of") or []))
+    if serves:
+        names = ", ".join(f"`{e}`" for e in serves)
+        return f"Member of {names}: the ensemble's table shows the worst case over its members."
+    if group[0].get("members"):
+        return (
+            "Per image, the member prediction that lowers the data set's metric most (greedy "
+            "selection); steps = iterations per image over all members."
+        )
+    return ""
+
+
 def _attack_row(c: ResultCell, kind: ReportKind, ratio, clean: bool) -> List[str]:
     row = ["clean" if clean else fmt_eps(c.eps_value), c.defense_name]
     row += ["0", "-", "-"] if clean else [str(c.steps), fmt(c.step_size, 3), str(c.restart_count)]
@@ -193,9 +207,11 @@ def _attack_sections(cells, kind: ReportKind) -> List[str]:
     header = ["eps", "defense", "steps", "step size", "restarts", *kind.metrics]
     header += [f"{kind.metric} / clean", "attack s/img", "defense s/img", "images", "failed"]
     md = []
+    repeated = Counter(attack for attack, _, _ in tables)
     for (attack, objective, adaptive), group in tables.items():
-        md += ["", f"## Attack: {attack}" + (" (adaptive)" if adaptive else ""), ""]
-        md += [_attack_intro(group, objective, adaptive), ""]
+        title = f"## Attack: {attack}" + (f" [{objective}]" if repeated[attack] > 1 else "")
+        md += ["", title + (" (adaptive)" if adaptive else ""), ""]
+        md += [_attack_intro(group, objective, adaptive), _ensemble_note(group), ""]
         defenses = {c.defense_name for c in group}
         body = [
             _attack_row(c, kind, ratios[id(c)], clean=True)
