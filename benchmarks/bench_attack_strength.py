@@ -55,6 +55,10 @@ def get_parser():
         help="ROBUSTNESS.SEA.FAST_NUM_STEPS (config default; 2 with --quick)",
     )  # fmt: skip
     parser.add_argument(
+        "--sea-fast-members", nargs="+", default=None,
+        help="ROBUSTNESS.SEA.FAST_MEMBERS entries 'attack:objective' (config default)",
+    )  # fmt: skip
+    parser.add_argument(
         "--output-dir",
         default=os.path.join(bu.REPO_ROOT, "output", "bench_attack_strength"),
         help="sweep caches (kept: a rerun resumes)",
@@ -79,6 +83,8 @@ def _cfg(args, device, attack, eps, overrides):
         opts += ["ROBUSTNESS.SEA.NUM_STEPS", str(args.sea_steps)]
     if args.sea_fast_steps:
         opts += ["ROBUSTNESS.SEA.FAST_NUM_STEPS", str(args.sea_fast_steps)]
+    if args.sea_fast_members:
+        opts += ["ROBUSTNESS.SEA.FAST_MEMBERS", repr(list(args.sea_fast_members))]
     cfg = bu.load_cfg(args.config_file, opts + list(overrides), device)
     return cfg
 
@@ -160,6 +166,8 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    clean = next((r["PQ"] for r in rows if r["name"] == "clean"), None)
+    rows = [r for r in rows if r["name"] != "clean"]
     eps_values = sorted({r["eps"] for r in rows})
     fig, axes = plt.subplots(1, len(eps_values), figsize=(6 * len(eps_values), 4.5), squeeze=False)
     for ax, eps in zip(axes[0], eps_values):
@@ -168,6 +176,9 @@ def _plot(rows, path):
             ax.scatter(max(r["passes_per_image"] or 1, 1), r["PQ"], marker=marker, s=80)
             ax.annotate(r["name"], (max(r["passes_per_image"] or 1, 1), r["PQ"]), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
+        if clean is not None:
+            ax.axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
+            ax.legend(loc="center right", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("forward+backward passes per image")
         ax.set_ylabel("PQ (undefended)")

@@ -21,6 +21,7 @@ MODULES = [
     "bench_pq_eval",
     "bench_scale",
     "bench_fast_paths",
+    "bench_attack_strength",
     "run_all",
 ]
 
@@ -191,3 +192,24 @@ def test_write_result_strict_json_and_summary_rows(bench, tmp_path):
 def test_hardware_info_states_cpu_and_threads(bench):
     info = bench["benchutils"].hardware_info("cpu")
     assert info["cpu_model"] and info["torch_threads"] >= 1 and info["device"] == "cpu"
+
+
+def test_attack_strength_goals(bench):
+    """The goals are read per eps: sea 2 below the best fixed-step attack; sea_fast within 1 PQ
+    of sea with at most 25 % of its passes."""
+    goals = bench["bench_attack_strength"]._goals
+
+    def row(name, eps, pq, passes):
+        return {"name": name, "eps": eps, "PQ": pq, "passes_per_image": passes}
+
+    rows = [
+        row("pgd-40", 8.0, 70.0, 40), row("cospgd-40", 8.0, 66.0, 40),
+        row("sea", 8.0, 63.9, 400), row("sea_fast", 8.0, 64.9, 100),
+        row("pgd-40", 16.0, 50.0, 40), row("segpgd-40", 16.0, 40.0, 40),
+        row("sea", 16.0, 38.5, 400), row("sea_fast", 16.0, 39.0, 101),
+    ]  # fmt: skip
+    out = goals(rows)
+    assert out["8"]["best_fixed_step_PQ"] == 66.0 and out["8"]["sea_2_below_best_fixed"]
+    assert out["8"]["sea_fast_within_1_PQ_at_25pct"] and out["8"]["sea_fast_pass_ratio"] == 0.25
+    assert not out["16"]["sea_2_below_best_fixed"]  # 1.5 below only
+    assert not out["16"]["sea_fast_within_1_PQ_at_25pct"]  # 101 of 400 passes
