@@ -158,3 +158,16 @@ def test_report_titles_members_by_objective_and_names_their_ensemble():
     assert "## Attack: pgd\n" in text  # one objective: no bracket
     assert "Member of `sea`: " in text and "Member of `sea`, `sea_fast`: " in text
     assert "greedy selection" in text
+    # the threat model says what each objective used makes the attack maximise
+    assert "`masked_ce`: cross-entropy on the pixels still classified correctly" in text
+    assert "`ensemble`: per image, the member prediction" in text
+    assert "`segment`" not in text  # not used here
+
+
+def test_every_built_in_objective_has_a_threat_model_text():
+    from upsnet_robust.attacks.objectives import OBJECTIVE_REGISTRY
+    from upsnet_robust.evaluation.report.markdown import OBJECTIVE_TEXT
+
+    built_in = [n for n, c in OBJECTIVE_REGISTRY if c.__module__.startswith("upsnet_robust.")]
+    assert "segment" in built_in and len(built_in) >= 10
+    assert sorted(set(built_in) - set(OBJECTIVE_TEXT)) == []

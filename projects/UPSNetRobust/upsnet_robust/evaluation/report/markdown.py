@@ -29,6 +29,22 @@ THREAT_MODEL = (
     "random masks for randomised defenses (EOT)"
 )
 _HEADER_KEYS = ("date", "hardware", "config_file", "weights")
+# What each built-in objective makes the attack maximise (the threat model's "how"), for the
+# objectives a report's cells used; docs/ATTACKS.md has the definitions.
+OBJECTIVE_TEXT = {
+    "train_losses": "sum of the model's training losses against the ground truth (the study's)",
+    "semantic_ce": "per-pixel cross-entropy of the dense class logits against the ground truth",
+    "pseudo_label": "cross-entropy against the model's own clean prediction (no ground truth)",
+    "least_likely": "targeted: towards each pixel's least likely class (ILLC)",
+    "panoptic": "UPSNet's panoptic-logit loss on matched ground-truth segments",
+    "masked_ce": "cross-entropy on the pixels still classified correctly (SEA)",
+    "balanced_masked_ce": "class-balanced masked cross-entropy (SEA)",
+    "js_divergence": "Jensen-Shannon divergence of softmax and one-hot target (SEA)",
+    "masked_spherical": "masked spherical loss on the normalised true-class logit (SEA)",
+    "segment": "every ground-truth segment still matched (IoU > 0.5) pushed below 0.5, each "
+    "segment weighted equally whatever its size (aimed at RQ)",
+    "ensemble": "per image, the member prediction that lowers the data set's metric most",
+}
 
 
 def _quantized_summary(cells: Sequence[ResultCell]) -> str:
@@ -40,6 +56,13 @@ def _quantized_summary(cells: Sequence[ResultCell]) -> str:
     if values == {False}:
         return "no: adversarial images stay float (eps < 1 is preserved)"
     return "mixed: see the `quantized` field of each cell in robustness.json"
+
+
+def _objectives_summary(cells: Sequence[ResultCell]) -> str:
+    used = unique(c.objective for c in cells if not c.is_clean and c.objective)
+    if not used:
+        return "n/a (no attacked cells)"
+    return "; ".join(f"`{o}`: {OBJECTIVE_TEXT.get(o, 'a registered objective')}" for o in used)
 
 
 def _header(cells, kind: ReportKind, metadata: Dict, checks: Sequence[Dict]) -> List[str]:
@@ -57,6 +80,7 @@ def _header(cells, kind: ReportKind, metadata: Dict, checks: Sequence[Dict]) -> 
         f"- **Config file:** {metadata.get('config_file', 'not recorded')}",
         f"- **Weights:** {metadata.get('weights', 'not recorded')}",
         f"- **Threat model:** {THREAT_MODEL}.",
+        f"- **Objectives:** {_objectives_summary(cells)}",
         f"- **Adversarial images quantized to uint8:** {_quantized_summary(cells)}",
         "- **Units:** eps on the 0-255 pixel scale of the model's input format; "
         f"{', '.join(kind.metrics)} in %; times in seconds per image.",
