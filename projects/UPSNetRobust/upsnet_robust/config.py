@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 
 from .defenses.config import add_defense_config
 
-__all__ = ["add_upsnet_config", "add_robustness_config"]
+__all__ = ["add_upsnet_config", "add_robustness_config", "add_sea_config"]
 
 
 def add_upsnet_config(cfg):
@@ -65,25 +65,7 @@ def add_robustness_config(cfg):
     # all its images have. Saves passes; off keeps the study's protocol and caches (when on, it
     # is part of each pass's key). Rejected at set-up with other objectives and ADAPTIVE.
     _C.ROBUSTNESS.EARLY_STOP = False
-    # SEA (Croce, Singh & Hein, ECCV 2024): "sea" / "sea_fast" in ATTACKS run, per eps, one pass
-    # per member and keep, per image, the member whose prediction lowers the data set's PQ (mIoU
-    # for semantic models) most: a greedy worst case over the ensemble (docs/ATTACKS.md).
-    _C.ROBUSTNESS.SEA = CN()
-    # Members of "sea", "attack:objective": APGD with each dense loss of SEA (both paper versions).
-    _C.ROBUSTNESS.SEA.MEMBERS = ["apgd:masked_ce", "apgd:balanced_masked_ce", "apgd:js_divergence", "apgd:masked_spherical"]
-    # Iterations per member (replaces NUM_STEPS for members). SEA uses 300 on GPUs; 100
-    # (AutoAttack's APGD standard) keeps CPU runs sane.
-    _C.ROBUSTNESS.SEA.NUM_STEPS = 100
-    _C.ROBUSTNESS.SEA.RANDOM_START = True  # members start inside the eps-ball, as in SEA
-    _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
-    # Members stop an image once none of its labelled pixels is right (EARLY_STOP), as in SEA.
-    _C.ROBUSTNESS.SEA.EARLY_STOP = True
-    # Members of "sea_fast": the strongest single member on the tiny UPSNet (10 val images, eps 8
-    # and 16; benchmarks/bench_attack_strength.py): within 1.0 / 0.4 PQ of "sea" at 25 % of its
-    # passes; two members at 50 steps each were 0.9-2.1 PQ above "sea".
-    _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:balanced_masked_ce"]
-    # Iterations per "sea_fast" member (equal to NUM_STEPS, its pass is shared with "sea").
-    _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 100
+    add_sea_config(_C)
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
     # Round adversarial images to uint8 before defense / model (wipes out eps < 1 if True).
@@ -130,3 +112,32 @@ def add_robustness_config(cfg):
 
     # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
     add_defense_config(_C)
+
+
+def add_sea_config(cfg):
+    """ROBUSTNESS.SEA: the members and settings of the "sea" / "sea_fast" ensembles."""
+    _C = cfg
+    # SEA (Croce, Singh & Hein, ECCV 2024): "sea" / "sea_fast" in ATTACKS run, per eps, one pass
+    # per member and keep, per image, the member whose prediction lowers the data set's PQ (mIoU
+    # for semantic models) most: a greedy worst case over the ensemble (docs/ATTACKS.md).
+    _C.ROBUSTNESS.SEA = CN()
+    # Members of "sea", "attack:objective": APGD with each dense loss of SEA (both paper versions).
+    _C.ROBUSTNESS.SEA.MEMBERS = [
+        "apgd:masked_ce",
+        "apgd:balanced_masked_ce",
+        "apgd:js_divergence",
+        "apgd:masked_spherical",
+    ]
+    # Iterations per member (replaces NUM_STEPS for members). SEA uses 300 on GPUs; 100
+    # (AutoAttack's APGD standard) keeps CPU runs sane.
+    _C.ROBUSTNESS.SEA.NUM_STEPS = 100
+    _C.ROBUSTNESS.SEA.RANDOM_START = True  # members start inside the eps-ball, as in SEA
+    _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
+    # Members stop an image once none of its labelled pixels is right (EARLY_STOP), as in SEA.
+    _C.ROBUSTNESS.SEA.EARLY_STOP = True
+    # Members of "sea_fast": the strongest single member on the tiny UPSNet (10 val images, eps 8
+    # and 16; benchmarks/bench_attack_strength.py): within 1.0 / 0.4 PQ of "sea" at 25 % of its
+    # passes; two members at 50 steps each were 0.9-2.1 PQ above "sea".
+    _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:balanced_masked_ce"]
+    # Iterations per "sea_fast" member (equal to NUM_STEPS, its pass is shared with "sea").
+    _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 100

@@ -26,6 +26,8 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
+from ..utils.io import atomic_json, read_json_if_present
+
 __all__ = [
     "SIZE_BUCKETS",
     "PanopticStats",
@@ -253,7 +255,6 @@ IMAGE_STATS_FILE = "image_stats.json"
 def save_image_stats(directory: str, per_defense: Mapping[str, Mapping]) -> str:
     """Write a pass's per-image statistics, ``{defense: {"images": {image_id: PanopticStats},
     "categories": {id: category}}}``, to ``<directory>/image_stats.json`` (atomically)."""
-    from ..utils.io import atomic_json
 
     data = {
         d: {
@@ -267,11 +268,9 @@ def save_image_stats(directory: str, per_defense: Mapping[str, Mapping]) -> str:
 
 def load_image_stats(directory: str) -> Optional[Dict[str, Dict]]:
     """What :func:`save_image_stats` wrote in ``directory`` (image ids as strings), or None."""
-    path = os.path.join(directory, IMAGE_STATS_FILE)
-    if not os.path.isfile(path):
+    data = read_json_if_present(os.path.join(directory, IMAGE_STATS_FILE))
+    if data is None:
         return None
-    with open(path) as f:
-        data = json.load(f)
     return {
         d: {
             "categories": {int(c): info for c, info in block["categories"].items()},

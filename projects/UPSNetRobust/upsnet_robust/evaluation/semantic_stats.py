@@ -18,6 +18,8 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
+from ..utils.io import atomic_json, read_json_if_present
+
 __all__ = [
     "SEM_SEG_STATS_FILE",
     "confusion_vectors",
@@ -104,7 +106,6 @@ def semantic_metrics(conf: np.ndarray) -> Dict[str, Optional[float]]:
 def save_confusion_stats(directory: str, per_defense: Mapping[str, Mapping]) -> str:
     """Write a pass's per-image confusion matrices, ``{defense: {"images": {image_id: sparse
     (n, 3)}, "num_classes": K}}``, to ``<directory>/sem_seg_stats.json`` (atomically)."""
-    from ..utils.io import atomic_json
 
     data = {
         d: {
@@ -122,11 +123,9 @@ def save_confusion_stats(directory: str, per_defense: Mapping[str, Mapping]) -> 
 def load_confusion_stats(directory: str) -> Optional[Dict[str, Dict]]:
     """What :func:`save_confusion_stats` wrote in ``directory`` (image ids as strings, sparse
     (n, 3) int64 matrices), or None."""
-    path = os.path.join(directory, SEM_SEG_STATS_FILE)
-    if not os.path.isfile(path):
+    data = read_json_if_present(os.path.join(directory, SEM_SEG_STATS_FILE))
+    if data is None:
         return None
-    with open(path) as f:
-        data = json.load(f)
     return {
         d: {
             "num_classes": int(block["num_classes"]),

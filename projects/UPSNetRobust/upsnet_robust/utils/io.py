@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import Union
 
-__all__ = ["atomic_json", "atomic_write"]
+__all__ = ["atomic_json", "atomic_write", "read_json_if_present"]
 
 
 def atomic_write(path: str, data: Union[str, bytes], mode: str = "w") -> str:
@@ -60,3 +60,12 @@ def atomic_json(path: str, obj, indent: int = 2, allow_nan: bool = True) -> str:
     """
     text = json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n"
     return atomic_write(path, text, mode="w")
+
+
+def read_json_if_present(path: str):
+    """The JSON object in ``path``, or None when there is no such file (an optional record,
+    e.g. a pass's per-image statistics)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
