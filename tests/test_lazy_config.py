@@ -35,6 +35,20 @@ def test_robustness_node_defaults_and_overrides():
     assert is_lazy_config(LAZY) and not is_lazy_config("x.yaml")
 
 
+def test_nested_robustness_nodes_sea():
+    """ROBUSTNESS.SEA is a node of its own: robustness.sea.* keys and overrides reach it."""
+    cfg = load_lazy_config(
+        LAZY, ["robustness.attacks=[sea]", "robustness.sea.num_steps=7",
+               "robustness.sea.members=[apgd:masked_ce]"]
+    )  # fmt: skip
+    run = lazy_to_run_cfg(cfg)
+    assert list(run.ROBUSTNESS.ATTACKS) == ["sea"] and run.ROBUSTNESS.SEA.NUM_STEPS == 7
+    assert list(run.ROBUSTNESS.SEA.MEMBERS) == ["apgd:masked_ce"]
+    assert run.ROBUSTNESS.SEA.FAST_NUM_STEPS == robustness_defaults()["sea"]["fast_num_steps"]
+    with pytest.raises(KeyError, match="robustness.sea.num_step"):
+        load_lazy_config(LAZY, ["robustness.sea.num_step=7"])
+
+
 @pytest.mark.parametrize(
     "override,expected",
     [
