@@ -150,12 +150,13 @@ def test_report_titles_members_by_objective_and_names_their_ensemble():
         _cell("apgd", 16, 25.0, objective="masked_ce", member_of=["sea"]),
         _cell("apgd", 16, 30.0, objective="js_divergence", member_of=["sea", "sea_fast"]),
         _cell("pgd", 16, 40.0),
+        _cell("pgd", 16, 45.0, adaptive=True, defense="median"),  # same objective: no bracket
         _cell("sea", 16, 20.0, objective="ensemble", members=_members(25.0, 30.0)),
     ]
     cells = as_cells(cells)
     text = markdown_report(cells, report_kind(cells), {}, sanity_checks(cells), METRIC_TOLERANCE)
     assert "## Attack: apgd [masked_ce]" in text and "## Attack: apgd [js_divergence]" in text
-    assert "## Attack: pgd\n" in text  # one objective: no bracket
+    assert "## Attack: pgd\n" in text and "## Attack: pgd (adaptive)\n" in text  # one objective
     assert "Member of `sea`: " in text and "Member of `sea`, `sea_fast`: " in text
     assert "greedy selection" in text
     # the threat model says what each objective used makes the attack maximise

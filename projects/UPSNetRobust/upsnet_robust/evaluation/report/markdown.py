@@ -231,7 +231,8 @@ def _attack_sections(cells, kind: ReportKind) -> List[str]:
     header = ["eps", "defense", "steps", "step size", "restarts", *kind.metrics]
     header += [f"{kind.metric} / clean", "attack s/img", "defense s/img", "images", "failed"]
     md = []
-    repeated = Counter(attack for attack, _, _ in tables)
+    # attacks run with several objectives are titled by objective too
+    repeated = Counter(attack for attack, _ in {(a, o) for a, o, _ in tables})
     for (attack, objective, adaptive), group in tables.items():
         title = f"## Attack: {attack}" + (f" [{objective}]" if repeated[attack] > 1 else "")
         md += ["", title + (" (adaptive)" if adaptive else ""), ""]
