@@ -497,3 +497,50 @@ def test_build_attack_reads_config():
     b = build_attack(cfg, "apgd", 4.0).perturb(x, ToyObjective(y))
     assert torch.equal(a, b), "ROBUSTNESS.SEED must make random starts reproducible"
     assert "APGD(" in repr(attack)
+
+
+# -- keep="accuracy": SEA's rule for the returned point ----------------------------------------
+class _FlipPenalty:
+    """A dense-style objective whose value FALLS when a pixel turns wrong (mean >= 100): its
+    gradient pushes every pixel up, but every flipped pixel costs 1000. The point of highest
+    value is then the start, while the iterates flip pixels: "loss" and "accuracy" disagree."""
+
+    supports_early_stop = True
+    name = "flip_penalty"
+
+    def __init__(self):
+        self.correct_pixels = None
+
+    def __call__(self, x):
+        m = x.mean(1)
+        wrong = m.detach() >= 100.0
+        self.correct_pixels = (~wrong).flatten(1).sum(1)
+        return m.flatten(1).sum(1) - 1000.0 * wrong.flatten(1).sum(1).to(x.dtype)
+
+
+def _fewest_correct_case():
+    x = torch.full((2, 3, 3, 4), 98.5)
+    x[1, :, 0, :] = 99.5
+    return x
+
+
+@pytest.mark.parametrize("keep,expected", [("loss", [12, 12]), ("accuracy", [0, 0])])
+def test_apgd_keep_rule_decides_the_returned_point(keep, expected):
+    x = _fewest_correct_case()
+    attack = APGD(8.0, num_steps=10, keep=keep)
+    adv = attack.perturb(x, _FlipPenalty())
+    assert ((adv - x).abs() <= 8.0 + 1e-5).all() and adv.min() >= 0 and adv.max() <= 255
+    correct = (adv.mean(1) < 100.0).flatten(1).sum(1).tolist()
+    assert correct == expected
+    # the highest value is a point short of every flip (the step halvings find one)
+    value = _FlipPenalty()(adv)
+    assert (value > _FlipPenalty()(x)).all() if keep == "loss" else (value < 0).all()
+    assert ("keep" in attack.describe()) == (keep == "accuracy")  # old cache keys unchanged
+
+
+def test_apgd_keep_accuracy_needs_a_dense_objective():
+    x = _fewest_correct_case()
+    with pytest.raises(ValueError, match="APGD_KEEP"):
+        APGD(8.0, num_steps=2, keep="accuracy").perturb(x, lambda v: v.flatten(1).sum(1))
+    with pytest.raises(ValueError, match="keep must be one of"):
+        APGD(8.0, keep="pq")

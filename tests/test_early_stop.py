@@ -178,3 +178,16 @@ def test_config_key_builds_and_set_up_checks():
         check_early_stop(_cfg("EARLY_STOP", True, "OBJECTIVE", "masked_ce", "ATTACKS", ["illc"]))
     with pytest.raises(ValueError, match="ADAPTIVE"):
         check_early_stop(_cfg("EARLY_STOP", True, "OBJECTIVE", "masked_ce", "ADAPTIVE", True))
+
+
+def test_apgd_keep_set_up_checks():
+    """ROBUSTNESS.APGD_KEEP 'accuracy' reaches APGD and needs a dense objective, at set-up."""
+    cfg = _cfg("ATTACKS", ["apgd"], "OBJECTIVE", "masked_ce", "APGD_KEEP", "accuracy")
+    check_early_stop(cfg)
+    assert build_attack(cfg, "apgd", 4.0).keep == "accuracy"
+    assert build_attack(_cfg(), "apgd", 4.0).describe().get("keep") is None  # default: loss
+    with pytest.raises(ValueError, match="APGD_KEEP 'accuracy'.*'train_losses'"):
+        check_early_stop(_cfg("ATTACKS", ["apgd"], "APGD_KEEP", "accuracy"))
+    check_early_stop(_cfg("ATTACKS", ["pgd"], "APGD_KEEP", "accuracy"))  # no apgd: nothing read
+    with pytest.raises(ValueError, match="must be 'loss' or 'accuracy'"):
+        check_early_stop(_cfg("APGD_KEEP", "pq"))

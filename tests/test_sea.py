@@ -338,6 +338,7 @@ SEA_OPTS = [
     "ROBUSTNESS.RANDOM_START", "True",
     "ROBUSTNESS.APGD_RADIUS_SCHEDULE", "True",
     "ROBUSTNESS.EARLY_STOP", "True",  # as the members (SEA.EARLY_STOP)
+    "ROBUSTNESS.APGD_KEEP", "accuracy",  # as the members (SEA.KEEP)
     "ROBUSTNESS.EPSILONS", "[8.0]",
     "ROBUSTNESS.DEFENSES", "['none', 'bitdepth']",
     "ROBUSTNESS.INCLUDE_CLEAN", "False",

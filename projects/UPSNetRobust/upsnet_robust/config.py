@@ -58,6 +58,9 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.APGD_RHO = 0.75  # halve the step if < RHO of the steps since the last check rose
     _C.ROBUSTNESS.APGD_MOMENTUM = 0.75  # alpha: weight of the new step vs the previous move
     _C.ROBUSTNESS.APGD_RADIUS_SCHEDULE = False  # 30/30/40 % of the iterations at 2, 1.5, 1 x eps
+    # The point each image returns: "loss" (highest objective value) or "accuracy" (fewest
+    # labelled pixels still correct, SEA's rule; dense objectives only). Steps follow the value.
+    _C.ROBUSTNESS.APGD_KEEP = "loss"
     _C.ROBUSTNESS.SEED = 0  # seeds random starts and proposal sampling, per image
     # Early stopping of iterative attacks (PGD family, SegPGD, CosPGD, MI-FGSM, APGD) with an
     # untargeted dense objective: an image stops once none of its labelled pixels is classified
@@ -135,6 +138,9 @@ def add_sea_config(cfg):
     _C.ROBUSTNESS.SEA.RADIUS_SCHEDULE = True  # members' APGD at 2, 1.5, 1 x eps, as in SEA
     # Members stop an image once none of its labelled pixels is right (EARLY_STOP), as in SEA.
     _C.ROBUSTNESS.SEA.EARLY_STOP = True
+    # The point each APGD member returns per image: "accuracy" (fewest labelled pixels still
+    # correct, as in SEA) or "loss" (highest objective value); see ROBUSTNESS.APGD_KEEP.
+    _C.ROBUSTNESS.SEA.KEEP = "accuracy"
     # Members of "sea_fast": the strongest single member on the tiny UPSNet (10 val images, eps 8
     # and 16; benchmarks/bench_attack_strength.py): within 1.0 / 0.4 PQ of "sea" at 25 % of its
     # passes; two members at 50 steps each were 0.9-2.1 PQ above "sea".

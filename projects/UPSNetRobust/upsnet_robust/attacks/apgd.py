@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: AutoAttack's "standard" APGD iteration count, used when ``num_steps`` is not given.
 DEFAULT_NUM_STEPS = 100
+# What each image returns: its highest-value point, or its point of fewest correct pixels.
+KEEP_RULES = ("loss", "accuracy")
 
 
 def apgd_checkpoints(num_steps: int) -> List[int]:
@@ -134,6 +136,7 @@ class APGD(Attack):
         restarts: int = 1,
         generator=None,
         early_stop: bool = False,
+        keep: str = "loss",
     ):
         """
         Args:
@@ -151,9 +154,16 @@ class APGD(Attack):
                 starts; a list holds one generator per image (see :meth:`Attack.manual_seed`).
             early_stop (bool): stop an image once none of its labelled pixels is correct (needs
                 an untargeted dense objective).
+            keep (str): which point of the (last-stage) iterates each image returns: "loss",
+                the highest objective value; "accuracy", the fewest labelled pixels still
+                correct, ties to the higher value (SEA's rule; needs an untargeted dense
+                objective). The step control follows the objective value either way.
         """
         super().__init__(eps, generator=generator)
         self.early_stop = bool(early_stop)
+        if keep not in KEEP_RULES:
+            raise ValueError(f"keep must be one of {KEEP_RULES}, got {keep!r}")
+        self.keep = keep
         self.num_steps = DEFAULT_NUM_STEPS if num_steps is None else _check_num_steps(num_steps)
         self.rho = _check_fraction(rho, "rho", low_open=False)
         self.momentum = _check_fraction(momentum, "momentum", low_open=True)
@@ -188,6 +198,7 @@ class APGD(Attack):
             "restarts": r.RESTARTS,
             "generator": _cfg_generator(cfg),
             "early_stop": r.EARLY_STOP,
+            "keep": r.APGD_KEEP,
         }
 
     def describe(self) -> dict:
@@ -205,6 +216,7 @@ class APGD(Attack):
             "radius_schedule": self.radius_schedule,
             # only when on: passes without it keep their cache keys
             **({"early_stop": True} if self.early_stop else {}),
+            **({"keep": self.keep} if self.keep != "loss" else {}),
         }
 
     # ----------------------------------------------------------------------------------------
@@ -213,6 +225,13 @@ class APGD(Attack):
         if not callable(objective):
             raise TypeError(f"The objective must be callable, got {type(objective).__name__}")
         self._check_early_stop(objective)
+        if self.keep == "accuracy" and not getattr(objective, "supports_early_stop", False):
+            name = getattr(objective, "name", None) or type(objective).__name__
+            raise ValueError(
+                f"APGD keeping the point of fewest correct pixels (ROBUSTNESS.APGD_KEEP "
+                f"'accuracy') needs an untargeted dense objective, which records them; objective "
+                f"{name!r} does not. Use APGD_KEEP 'loss' or a dense objective (masked_ce, ...)."
+            )
         self._begin_passes(x)
         try:
             return self._restarts(x, objective)
@@ -223,34 +242,40 @@ class APGD(Attack):
         eps = self._eps_tensor(x)
         view = (-1,) + (1,) * (x.dim() - 1)
         self.trace = []
-        best, best_value = None, None
+        best, best_value, best_correct = None, None, None
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
             if self.early_stop and bool(done.all()):
                 break
-            adv, value, now_done = self._run(x, objective, eps, done)
+            adv, value, now_done, correct = self._run(x, objective, eps, done)
             if best is None:
-                best, best_value = adv, value
+                best, best_value, best_correct = adv, value, correct
             else:
-                better = ((value > best_value) & ~done) | (now_done & ~done)
+                better = _better(value, correct, best_value, best_correct)
+                better = (better & ~done) | (now_done & ~done)
                 best = torch.where(better.view(view), adv, best)
                 best_value = torch.where(better, value, best_value)
+                if correct is not None:
+                    best_correct = torch.where(better, correct, best_correct)
             done = now_done
         return best
 
     # ----------------------------------------------------------------------------------------
     def _run(self, x, objective, eps, done):
-        """One run (all stages) from a fresh start; returns the best point, its value and the
-        (N,) bool mask of stopped images (``done``: stopped before, they do not move)."""
+        """One run (all stages) from a fresh start; returns the kept point, its value, the (N,)
+        bool mask of stopped images (``done``: stopped before, they do not move) and, when
+        keeping by accuracy, its correct-pixel counts (else None)."""
         stages = radius_stages(self.num_steps, self.radius_schedule)
         point = self._start(x, eps * stages[0][0])
         value = None
         for j, (factor, num_steps) in enumerate(stages):
             radius = eps * factor
             start = project_linf(point, x, radius)
-            check = self.early_stop and j == len(stages) - 1
-            point, value, stopped = self._stage(x, objective, radius, num_steps, start, done, check)
-        return point, value, stopped
+            last = j == len(stages) - 1
+            point, value, stopped, correct = self._stage(
+                x, objective, radius, num_steps, start, done, last
+            )
+        return point, value, stopped, correct
 
     def _start(self, x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
@@ -282,11 +307,14 @@ class APGD(Attack):
             value = objective(point)
         return self._values(value, point)
 
-    def _stage(self, x, objective, radius, num_steps, start, done, check):
+    def _stage(self, x, objective, radius, num_steps, start, done, last):
         """One APGD run of ``num_steps`` iterations in the ball of ``radius`` (N,). Images of
-        ``done`` do not move; with ``check`` (early stopping), an image with nothing left to
-        break stops at that point, which becomes its best. Returns the best points, their
-        values and the (N,) bool mask of stopped images."""
+        ``done`` do not move; in the ``last`` stage, with early stopping, an image with nothing
+        left to break stops at that point, which becomes its best. Returns the kept points (by
+        value, or in the last stage by accuracy if so configured), their values, the (N,) bool
+        mask of stopped images and the kept points' correct-pixel counts (or None)."""
+        check = self.early_stop and last
+        track = self.keep == "accuracy" and last
         view = (-1,) + (1,) * (x.dim() - 1)
         checkpoints = apgd_checkpoints(num_steps)
         alpha = self.momentum
@@ -297,6 +325,7 @@ class APGD(Attack):
         if check:
             done = done | self._nothing_left(objective, x.shape[0])
         best, best_value, best_grad = cur, value, grad
+        kept = (cur, value, self._correct(objective, x.shape[0])) if track else None
         last_value = value  # f at the point the next step starts from
         successes = torch.zeros_like(value, dtype=torch.long)
         checked_best = best_value  # best value at the previous checkpoint (or the start)
@@ -329,6 +358,8 @@ class APGD(Attack):
                     better, done = better | stopped, done | stopped
             best = torch.where(better.view(view), cur, best)
             best_value = torch.where(better, value, best_value)
+            if track:
+                kept = _keep_fewest_correct(kept, cur, value, self._correct(objective, x.shape[0]))
             if k < num_steps:
                 best_grad = torch.where(better.view(view), grad, best_grad)
             if len(decisions) < len(checkpoints) and k == checkpoints[len(decisions)]:
@@ -348,4 +379,35 @@ class APGD(Attack):
             torch.stack(decisions).cpu() if decisions else torch.zeros(0, n, dtype=torch.bool)
         )
         self.trace.append(record)
-        return best, best_value, done
+        if track:
+            return kept[0], kept[1], done, kept[2]
+        return best, best_value, done, None
+
+    def _correct(self, objective, n: int) -> torch.Tensor:
+        """(N,) labelled pixels still correct at the objective's last evaluation."""
+        counts = objective.correct_pixels
+        if counts is None or counts.numel() != n:
+            raise RuntimeError(
+                f"APGD: the objective recorded no correct-pixel counts for the batch of {n}"
+            )
+        return counts.reshape(-1).to(torch.float64)
+
+
+def _better(value, correct, best_value, best_correct) -> torch.Tensor:
+    """(N,) bool: a point beats the kept one (fewer correct pixels, ties to the higher value;
+    by value alone when ``correct`` is None)."""
+    if correct is None:
+        return value > best_value
+    return (correct < best_correct) | ((correct == best_correct) & (value > best_value))
+
+
+def _keep_fewest_correct(kept, point, value, correct):
+    """The (point, value, correct) triple per image after seeing a new iterate."""
+    old_point, old_value, old_correct = kept
+    take = _better(value, correct, old_value, old_correct)
+    view = (-1,) + (1,) * (point.dim() - 1)
+    return (
+        torch.where(take.view(view), point, old_point),
+        torch.where(take, value, old_value),
+        torch.where(take, correct, old_correct),
+    )

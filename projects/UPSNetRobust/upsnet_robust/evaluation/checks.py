@@ -129,6 +129,7 @@ def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
         ValueError: naming the attack and objective, and what to set instead.
     """
     r = cfg.ROBUSTNESS
+    _check_apgd_keep(cfg, skip)
     if not r.EARLY_STOP:
         return
     if r.ADAPTIVE:
@@ -153,6 +154,23 @@ def check_early_stop(cfg, skip: Iterable[str] = ("clean",)) -> None:
                 f"{', '.join(usable)}, or set ROBUSTNESS.EARLY_STOP False"
                 + (" (ILLC is targeted: leave it out)" if name == "illc" else "")
             )
+
+
+def _check_apgd_keep(cfg, skip) -> None:
+    """ROBUSTNESS.APGD_KEEP "accuracy" reads the correct-pixel counts of a dense objective."""
+    r = cfg.ROBUSTNESS
+    if r.APGD_KEEP not in ("loss", "accuracy"):
+        raise ValueError(f"ROBUSTNESS.APGD_KEEP must be 'loss' or 'accuracy', got {r.APGD_KEEP!r}")
+    if r.APGD_KEEP != "accuracy" or "apgd" not in r.ATTACKS or "apgd" in skip:
+        return
+    objective = objective_for("apgd", r.OBJECTIVE)
+    if not getattr(objective_class(objective), "supports_early_stop", False):
+        raise ValueError(
+            f"ROBUSTNESS.APGD_KEEP 'accuracy' keeps each image's point of fewest correct pixels, "
+            f"which only an untargeted dense objective counts; ROBUSTNESS.OBJECTIVE is "
+            f"{objective!r}. Use a dense objective (masked_ce, semantic_ce, ...) or APGD_KEEP "
+            "'loss'."
+        )
 
 
 #: Tasks whose evaluations keep the per-image statistics an ensemble's selection needs.

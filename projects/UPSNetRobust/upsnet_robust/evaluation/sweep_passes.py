@@ -4,10 +4,11 @@
 A spec is ``{"attack", "eps", "adaptive"}`` for a clean, plain or adaptive pass. The ensembles
 ``sea`` and ``sea_fast`` (:data:`ENSEMBLES`) expand, per eps, into one *member pass* per member
 of ``ROBUSTNESS.SEA`` -- an ordinary pass of that attack whose spec also carries the member's
-``objective``, ``num_steps``, ``random_start``, ``radius_schedule``, ``early_stop`` and
-``member_of`` (the ensembles it serves) -- followed by an *ensemble spec* ``{"attack": "sea",
-"eps", "adaptive": None, "ensemble": True, "members": [member specs]}`` that selects the worst case from the
-members' stored per-image statistics. A member shared by two ensembles is one pass.
+``objective``, ``num_steps``, ``random_start``, ``radius_schedule``, ``early_stop``, ``keep``
+and ``member_of`` (the ensembles it serves) -- followed by an *ensemble spec* ``{"attack":
+"sea", "eps", "adaptive": None, "ensemble": True, "members": [member specs]}`` that selects the
+worst case from the members' stored per-image statistics. A member shared by two ensembles is
+one pass.
 """
 from collections import OrderedDict
 from typing import Dict, List, Tuple
@@ -30,7 +31,9 @@ ENSEMBLES = OrderedDict(
     [("sea", ("MEMBERS", "NUM_STEPS")), ("sea_fast", ("FAST_MEMBERS", "FAST_NUM_STEPS"))]
 )
 #: What a member spec adds to a pass spec (each overrides a ROBUSTNESS key, see spec_cfg).
-MEMBER_FIELDS = ("objective", "num_steps", "random_start", "radius_schedule", "early_stop")
+MEMBER_FIELDS = (
+    "objective", "num_steps", "random_start", "radius_schedule", "early_stop", "keep"
+)
 
 
 def adaptive_defense_names(cfg) -> List[str]:
@@ -85,6 +88,8 @@ def ensemble_members(cfg, name: str) -> List[Tuple[str, Dict]]:
             "radius_schedule": bool(sea.RADIUS_SCHEDULE),
             # SEA's early stop, where the member's objective can tell what is left to break
             "early_stop": bool(sea.EARLY_STOP) and _supports_early_stop(objective),
+            # SEA's returned point: fewest correct pixels, where the objective counts them
+            "keep": sea.KEEP if _supports_early_stop(objective) else "loss",
         }
         out.append((entry, fields))
     return out
@@ -144,8 +149,8 @@ def sweep_passes(cfg) -> List[Dict]:
 def spec_cfg(cfg, spec: Dict):
     """The config a pass runs with: ``cfg`` itself, or for a member pass a copy with its
     objective and step settings in ROBUSTNESS.{OBJECTIVE, NUM_STEPS, RANDOM_START,
-    APGD_RADIUS_SCHEDULE, EARLY_STOP}, so the attack and the hook read them as for any pass
-    (and a member equal to a plain pass has that pass's key and cache)."""
+    APGD_RADIUS_SCHEDULE, EARLY_STOP, APGD_KEEP}, so the attack and the hook read them as for
+    any pass (and a member equal to a plain pass has that pass's key and cache)."""
     if "objective" not in spec:
         return cfg
     out = cfg.clone()
@@ -156,6 +161,7 @@ def spec_cfg(cfg, spec: Dict):
     r.RANDOM_START = bool(spec["random_start"])
     r.APGD_RADIUS_SCHEDULE = bool(spec["radius_schedule"])
     r.EARLY_STOP = bool(spec.get("early_stop", False))
+    r.APGD_KEEP = spec.get("keep", "loss")
     out.freeze()
     return out
 
