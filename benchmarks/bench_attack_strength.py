@@ -148,12 +148,12 @@ def _goals(rows):
         goal = {"best_fixed_step_PQ": min(fixed) if fixed else None}
         if sea and fixed:
             goal["sea_PQ"] = sea["PQ"]
-            goal["sea_2_below_best_fixed"] = sea["PQ"] <= min(fixed) - 2
+            goal["sea_2_below_best_fixed"] = bool(sea["PQ"] <= min(fixed) - 2)
         if sea and fast:
             ratio = bu.ratio(fast["passes_per_image"], sea["passes_per_image"])
             goal["sea_fast_PQ"] = fast["PQ"]
             goal["sea_fast_pass_ratio"] = ratio
-            goal["sea_fast_within_1_PQ_at_25pct"] = (
+            goal["sea_fast_within_1_PQ_at_25pct"] = bool(
                 fast["PQ"] <= sea["PQ"] + 1 and ratio <= 0.25
             )
         out[f"{eps:g}"] = goal

@@ -142,7 +142,7 @@ def add_sea_config(cfg):
     # correct, as in SEA) or "loss" (highest objective value); see ROBUSTNESS.APGD_KEEP.
     _C.ROBUSTNESS.SEA.KEEP = "accuracy"
     # Members of "sea_fast": the strongest single member on the tiny UPSNet (10 val images, eps 8
-    # and 16; benchmarks/bench_attack_strength.py): within 1.0 / 0.4 PQ of "sea" at 25 % of its
+    # and 16; benchmarks/bench_attack_strength.py): 0.99 / 0.43 PQ above "sea" at 25 % of its
     # passes; two members at 50 steps each were 0.9-2.1 PQ above "sea".
     _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:balanced_masked_ce"]
     # Iterations per "sea_fast" member (equal to NUM_STEPS, its pass is shared with "sea").
