@@ -240,11 +240,17 @@ def test_robust_mapper_adds_the_panoptic_segments_resized_like_the_mapper(
 
 
 # ------------------------------------------------------------------ sweeps on the tiny models
-PFPN_CONFIG = os.path.join(REPO_ROOT, "configs", "Synthetic", "panoptic_fpn_tiny.yaml")
+CONFIGS = {
+    name: os.path.join(REPO_ROOT, "configs", "Synthetic", f"{name}_tiny.yaml")
+    for name in ("panoptic_fpn", "panoptic_deeplab")
+}
 # trained weights: a random model labels no segment's majority right, so L is 0 and flat there
 SHIPPED = {
     "upsnet": os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth"),
     "panoptic_fpn": os.path.join(REPO_ROOT, "checkpoints", "panoptic_fpn_tiny_synthetic.pth"),
+    "panoptic_deeplab": os.path.join(
+        REPO_ROOT, "checkpoints", "panoptic_deeplab_tiny_synthetic.pth"
+    ),
 }
 
 
@@ -263,11 +269,11 @@ def _sweep_cfg(model_name, names, tmp_path):
     if model_name == "upsnet":
         return tiny_cfg(*opts)
     cfg = get_upsnet_cfg()
-    merge_with_hints(cfg, PFPN_CONFIG, opts)
+    merge_with_hints(cfg, CONFIGS[model_name], opts)
     return cfg
 
 
-@pytest.mark.parametrize("model_name", ["upsnet", "panoptic_fpn"])
+@pytest.mark.parametrize("model_name", ["upsnet", "panoptic_fpn", "panoptic_deeplab"])
 def test_pgd_sweep_with_the_segment_objective(model_name, synthetic_cityscapes_names, tmp_path):
     if not os.path.isfile(SHIPPED[model_name]):
         pytest.skip(f"{SHIPPED[model_name]} missing")
