@@ -8,7 +8,6 @@ rising, restarting that image from the best point found so far. Every decision i
 a batch behaves like its images run one by one.
 """
 
-import logging
 import math
 from typing import Dict, List, Tuple
 
@@ -17,11 +16,10 @@ import torch
 from detectron2.config import configurable
 
 from .base import Attack, project_linf
-from .iterative import _cfg_generator, _cfg_num_steps, _check_num_steps
+from .iterative import _cfg_generator, _cfg_num_steps, _check_num_steps, _check_restarts
 
 __all__ = ["APGD", "apgd_checkpoints", "radius_stages"]
 
-logger = logging.getLogger(__name__)
 
 #: AutoAttack's "standard" APGD iteration count, used when ``num_steps`` is not given.
 DEFAULT_NUM_STEPS = 100
@@ -173,14 +171,7 @@ class APGD(Attack):
         self.initial_step = initial_step
         self.radius_schedule = bool(radius_schedule)
         self.random_start = bool(random_start)
-        if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-        self.restarts = int(restarts)
-        if self.restarts > 1 and not self.random_start:
-            logger.warning(
-                f"APGD: restarts={self.restarts} without random_start repeats the same run "
-                "unless the objective is stochastic."
-            )
+        self.restarts = _check_restarts(restarts, self.random_start, "APGD")
         self.trace: List[Dict] = []
 
     @classmethod

@@ -40,6 +40,20 @@ def kurakin_num_steps(eps: float) -> int:
     return max(1, math.ceil(round(min(eps + 4.0, 1.25 * eps), 9)))
 
 
+def _check_restarts(restarts, random_start: bool, attack: str) -> int:
+    """``restarts`` as an int >= 1; warns when restarts without a random start would repeat
+    the same deterministic run."""
+    if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    restarts = int(restarts)
+    if restarts > 1 and not random_start:
+        logger.warning(
+            f"{attack}: restarts={restarts} without random_start repeats the same run unless "
+            "the objective is stochastic."
+        )
+    return restarts
+
+
 def _check_num_steps(num_steps, allow_none: bool = True) -> Optional[int]:
     if num_steps is None and allow_none:
         return None
@@ -113,14 +127,7 @@ class PGD(Attack):
         self.step_size = None if step_size is None else check_eps(step_size, "step_size")
         self.num_steps = _check_num_steps(num_steps)
         self.random_start = bool(random_start)
-        if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-        self.restarts = int(restarts)
-        if self.restarts > 1 and not self.random_start:
-            logger.warning(
-                f"{type(self).__name__}: restarts={self.restarts} without random_start repeats "
-                "the same run unless the objective is stochastic."
-            )
+        self.restarts = _check_restarts(restarts, self.random_start, type(self).__name__)
 
     @classmethod
     def from_config(cls, cfg, eps):
