@@ -27,7 +27,7 @@ from torch import nn
 from detectron2.utils.events import EventStorage
 from detectron2.utils.registry import Registry
 
-from ..utils.registry import register_as
+from ..utils.registry import subclass_decorator
 
 __all__ = [
     "ADAPTER_REGISTRY",
@@ -264,15 +264,7 @@ def register_adapter(*meta_architectures: str):
     class names in ``MODEL.META_ARCHITECTURE``). The one public way to add an adapter."""
     if not meta_architectures:
         raise ValueError("register_adapter needs at least one meta-architecture name")
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
-            raise TypeError(f"{cls!r} is not a ModelAdapter subclass")
-        for name in meta_architectures:
-            register_as(ADAPTER_REGISTRY, name, cls)
-        return cls
-
-    return deco
+    return subclass_decorator(ADAPTER_REGISTRY, ModelAdapter, *meta_architectures)
 
 
 def adapter_class(model_or_name) -> type:

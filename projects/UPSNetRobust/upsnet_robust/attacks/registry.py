@@ -4,7 +4,7 @@
 from detectron2.utils.registry import Registry
 
 from .apgd import APGD
-from ..utils.registry import register_as
+from ..utils.registry import subclass_decorator
 from .base import Attack
 from .cospgd import CosPGD
 from .fgsm import FGSM
@@ -36,15 +36,7 @@ def register_attack(name: str):
     ``cls(**cls.from_config(cfg, eps))`` (:meth:`Attack.from_config` passes ``eps`` only)."""
     if not isinstance(name, str) or not name or name != name.strip().lower():
         raise ValueError(f"Invalid attack name {name!r}: a lower-case config name, e.g. 'pgd'")
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Attack)):
-            raise TypeError(f"{cls!r} is not an Attack subclass")
-        cls.name = name
-        register_as(ATTACK_REGISTRY, name, cls)
-        return cls
-
-    return deco
+    return subclass_decorator(ATTACK_REGISTRY, Attack, name, attribute="name")
 
 
 for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD):

@@ -9,7 +9,7 @@ from fvcore.transforms.transform import Transform
 
 from detectron2.utils.registry import Registry
 
-from ...utils.registry import register_as
+from ...utils.registry import subclass_decorator
 
 __all__ = [
     "SURROGATE_REGISTRY",
@@ -35,15 +35,7 @@ def register_surrogate(name: str):
     ``cls.name``."""
     if not isinstance(name, str) or name != name.strip().lower() or not name or name == "auto":
         raise ValueError(f"Invalid surrogate name {name!r}: lower case, not 'auto'.")
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Surrogate)):
-            raise TypeError(f"{cls!r} is not a Surrogate subclass")
-        cls.name = name
-        register_as(SURROGATE_REGISTRY, name, cls)
-        return cls
-
-    return deco
+    return subclass_decorator(SURROGATE_REGISTRY, Surrogate, name, attribute="name")
 
 
 def surrogate_names() -> List[str]:
