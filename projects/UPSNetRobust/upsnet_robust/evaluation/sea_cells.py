@@ -37,8 +37,8 @@ def load_pass_stats(task: str, pass_dir: str) -> Optional[Dict[str, Dict]]:
     return None
 
 
-def _member_images(task, pass_dir, cells, defense) -> Dict:
-    stats = load_pass_stats(task, pass_dir) or {}
+def _member_images(task, pass_dir, stats, cells, defense) -> Dict:
+    """One defense's block of a member pass's statistics ``stats`` (read once per member)."""
     if defense in stats:
         return stats[defense]
     if all(c.get("num_images", 0) == 0 for c in cells if c["defense"] == defense):
@@ -86,10 +86,13 @@ def ensemble_cells(
         task: "panoptic_seg" or "sem_seg".
     """
     first_cells = members[0][2]
+    stats = [load_pass_stats(task, d) or {} for _, d, _ in members]
     cells, selections = [], OrderedDict()
     for defense in [c["defense"] for c in first_cells]:
         mcells = [next(c for c in cells_ if c["defense"] == defense) for _, _, cells_ in members]
-        blocks = [_member_images(task, d, cs, defense) for _, d, cs in members]
+        blocks = [
+            _member_images(task, d, st, cs, defense) for (_, d, cs), st in zip(members, stats)
+        ]
         sel, metrics, chosen = _select(task, blocks)
         selections[defense] = (sel, chosen)
         cell = _cell(spec, mcells, sel, metrics, [m[0] for m in members])
