@@ -3,6 +3,7 @@
 exactly the images that were scored (subsets, skipped images)."""
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -68,6 +69,22 @@ class _MetadataOverride:
         return getattr(self._metadata, name)
 
 
+def _ground_truth_ids(path: str):
+    """The ground-truth panoptic ids of ``path``, decoded once for the evaluators of all the
+    defenses that score the same image one after another (read-only; a rewritten file, with
+    another modification time or size, is decoded again)."""
+    st = os.stat(path)
+    return _decoded_ids(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded_ids(path: str, mtime_ns: int, size: int):
+    with open(path, "rb") as f:
+        ids = panoptic_ids_from_png(f.read())
+    ids.setflags(write=False)
+    return ids
+
+
 class PanopticSubsetEvaluator(COCOPanopticEvaluator):
     """detectron2's COCOPanopticEvaluator, restricted to the images it was given.
 
@@ -105,8 +122,7 @@ class PanopticSubsetEvaluator(COCOPanopticEvaluator):
                 raise KeyError(
                     f"image {p['image_id']!r} is not in {self._metadata.panoptic_json}"
                 )
-            with open(os.path.join(self._metadata.panoptic_root, ann["file_name"]), "rb") as f:
-                gt_ids = panoptic_ids_from_png(f.read())
+            gt_ids = _ground_truth_ids(os.path.join(self._metadata.panoptic_root, ann["file_name"]))
             pred_ids = panoptic_ids_from_png(p["png_string"])
             stats = image_panoptic_stats(gt_ids, ann["segments_info"], pred_ids, p["segments_info"])
             self._image_stats[p["image_id"]] = stats

@@ -151,11 +151,12 @@ class PanopticStats:
 
 
 def panoptic_ids_from_png(png: bytes) -> np.ndarray:
-    """(H, W) panoptic ids of an RGB-encoded panoptic PNG (panopticapi's ``rgb2id``)."""
+    """(H, W) panoptic ids of an RGB-encoded panoptic PNG, decoded by panopticapi's
+    ``rgb2id`` as its evaluation does."""
+    from panopticapi.utils import rgb2id
     from PIL import Image
 
-    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    return rgb2id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
 
 
 def _areas(ids: np.ndarray) -> Dict[int, int]:
