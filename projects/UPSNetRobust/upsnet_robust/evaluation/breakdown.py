@@ -24,11 +24,11 @@ carries a ``breakdown`` dict, built here from what the pass's evaluator already 
 
 All values are on the 0-100 scale of the headline metrics.
 """
-import math
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional
 
 from .panoptic_stats import SIZE_BUCKETS, PanopticStats
+from .report.cells import finite
 
 __all__ = ["cell_breakdown", "panoptic_breakdown", "per_class_results"]
 
@@ -37,14 +37,6 @@ _PER_CLASS_KEYS = {
     "sem_seg": (("sem_seg",), (("IoU-", "IoU"), ("ACC-", "ACC"))),
     "instances": (("segm", "bbox"), (("AP-", "AP"),)),
 }
-
-
-def _number(value) -> Optional[float]:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _class_names(categories: Mapping[int, Mapping]) -> Dict[int, str]:
@@ -97,7 +89,7 @@ def per_class_results(task: str, results: Optional[Mapping]) -> Optional[Dict]:
     for key, value in res.items():
         for prefix, name in keys:
             if isinstance(key, str) and key.startswith(prefix) and len(key) > len(prefix):
-                out.setdefault(key[len(prefix):], OrderedDict())[name] = _number(value)
+                out.setdefault(key[len(prefix):], OrderedDict())[name] = finite(value)
     return out or None
 
 
