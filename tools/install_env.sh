@@ -22,6 +22,20 @@ find_python310() {
   return 1
 }
 
+# The pinned torch wheel brings its CUDA libraries: a fresh environment takes about 6 GiB. Say so
+# before pip fills the disk half-way (skipped once torch is installed there).
+NEED_GIB=${INSTALL_NEED_GIB:-7}
+if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; }; then
+  mkdir -p "$(dirname "$VENV")"
+  free_kib=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+    echo "error: $((free_kib / 1024 / 1024)) GiB free on the disk that would hold $VENV; installing the pinned" >&2
+    echo "       stack needs about $NEED_GIB GiB (torch with its CUDA libraries). Free some space, or set VENV" >&2
+    echo "       to a directory on a larger disk (INSTALL_NEED_GIB=N changes the GiB this check asks for)." >&2
+    exit 1
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   PY=$(find_python310) || {
     echo "error: CPython 3.10 not found. Install it (e.g. 'pyenv install 3.10.13') or put python3.10 on PATH;" >&2
@@ -31,7 +45,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating $VENV with $PY"
   "$PY" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -m pip install -q -r requirements/lock.txt 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+# pip's own failure (e.g. a full disk) stops the install with its message, instead of surfacing
+# later as a missing module.
+pip_install() {
+  local log rc=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+  if [ "$rc" -ne 0 ]; then
+    echo "error: 'pip install $*' failed (exit $rc) while installing into $VENV; see pip's message above." >&2
+    exit "$rc"
+  fi
+}
+
+pip_install --upgrade pip
+pip_install -r requirements/lock.txt
+pip_install --no-deps -e .
 "$VENV/bin/python" -c "import detectron2, torch, upsnet_robust; from detectron2 import _C; print('detectron2', detectron2.__version__, '| torch', torch.__version__, '| upsnet_robust OK')"
