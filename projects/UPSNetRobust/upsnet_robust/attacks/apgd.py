@@ -213,8 +213,7 @@ class APGD(Attack):
     # ----------------------------------------------------------------------------------------
     def perturb(self, images: torch.Tensor, objective) -> torch.Tensor:
         x = self._prepare(images)
-        if not callable(objective):
-            raise TypeError(f"The objective must be callable, got {type(objective).__name__}")
+        self._check_objective(objective)
         self._check_early_stop(objective)
         if self.keep == "accuracy" and not getattr(objective, "supports_early_stop", False):
             name = getattr(objective, "name", None) or type(objective).__name__

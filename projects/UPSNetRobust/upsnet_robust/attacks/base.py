@@ -342,6 +342,11 @@ class Attack:
     def _end_passes(self) -> None:
         self.num_image_passes += int(self.image_passes.sum())
 
+    def _check_objective(self, objective) -> None:
+        """What :meth:`perturb` needs of its objective; dense attacks ask for more."""
+        if not callable(objective):
+            raise TypeError(f"The objective must be callable, got {type(objective).__name__}")
+
     def _check_early_stop(self, objective) -> None:
         """With ``early_stop``, the objective must record ``correct_pixels``."""
         if self.early_stop and not getattr(objective, "supports_early_stop", False):

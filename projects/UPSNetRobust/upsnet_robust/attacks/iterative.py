@@ -196,10 +196,6 @@ class PGD(Attack):
         }
 
     # ----------------------------------------------------------------------------------------
-    def _check_objective(self, objective) -> None:
-        if not callable(objective):
-            raise TypeError(f"The objective must be callable, got {type(objective).__name__}")
-
     def _objective_at(self, objective, t, steps: torch.Tensor):
         """The function whose gradient is taken at step t (1-based); SegPGD varies it."""
         return objective
