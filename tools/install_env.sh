@@ -48,11 +48,9 @@ fi
 # pip's own failure (e.g. a full disk) stops the install with its message, instead of surfacing
 # later as a missing module.
 pip_install() {
-  local log rc=0
-  log=$(mktemp)
-  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
-  grep -v "^WARNING: Location" "$log" || true
-  rm -f "$log"
+  local rc=0
+  # with pipefail (set above) the pipeline's status is pip's: the filter always succeeds
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "error: 'pip install $*' failed (exit $rc) while installing into $VENV; see pip's message above." >&2
     exit "$rc"
