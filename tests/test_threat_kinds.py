@@ -291,3 +291,53 @@ def test_the_hook_builds_no_objective_for_a_step_that_needs_none():
     assert torch.equal(seen[0], torch.full((3, 4, 5), 255.0))
     assert torch.equal(out[0]["none"]["sem_seg"], torch.full((1, 4, 5), 255.0))
     assert hook.records[0]["failure"] is None
+
+
+def test_a_kind_with_a_prepare_phase_fits_once_and_resumes(synthetic_cityscapes_root, tmp_path):
+    """The phase universal perturbations and patches use: ``prepare`` stores its result in the
+    pass's cache directory before the pass, the image step reads it; a resumed sweep neither
+    prepares nor recomputes a finished pass."""
+    from upsnet_robust.threats import ImageStep, StepResult, ThreatKind, ThreatSpec
+    from upsnet_robust.threats import register_threat
+    from upsnet_robust.threats.registry import _ORDER, THREAT_REGISTRY
+
+    fitted = []
+
+    class AddStored(ImageStep):
+        def __init__(self, delta):
+            self.delta = delta
+
+        def __call__(self, inputs, images):
+            return StepResult([(im + self.delta.to(im.device)).clamp(0, 255) for im in images])
+
+    @register_threat("pytest_universal")
+    class Universal(ThreatKind):
+        threat_model = "one stored perturbation for every image"
+
+        @classmethod
+        def expand(cls, cfg, include_adaptive=True):
+            return [ThreatSpec(cls.name, "pytest_universal")]
+
+        @classmethod
+        def prepare(cls, cfg, spec, context, cache_dir):
+            path = os.path.join(cache_dir, "delta.pt")
+            if not os.path.isfile(path):
+                fitted.append(cache_dir)
+                os.makedirs(cache_dir, exist_ok=True)
+                torch.save(torch.full((3, 1, 1), 20.0), path)
+
+        @classmethod
+        def image_step(cls, spec, context):
+            return AddStored(torch.load(os.path.join(context.cache_dir, "delta.pt")))
+
+    try:
+        # the image step finds the pass's directory through its context
+        sweep = _semantic_sweep(synthetic_cityscapes_root, tmp_path, "ROBUSTNESS.ATTACKS", "[]")
+        (cell,) = sweep.run()
+        assert cell["attack"] == "pytest_universal" and cell["threat"]["kind"] == "pytest_universal"
+        assert len(fitted) == 1 and os.path.basename(fitted[0]).startswith("pytest_universal_")
+        again = _semantic_sweep(synthetic_cityscapes_root, tmp_path, "ROBUSTNESS.ATTACKS", "[]")
+        assert again.run() == [cell] and len(fitted) == 1
+    finally:
+        THREAT_REGISTRY._obj_map.pop("pytest_universal")
+        _ORDER.remove("pytest_universal")

@@ -169,7 +169,10 @@ class Trainer(DefaultTrainer):
                     cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
                 )
                 pass_cfg = spec.cfg(cfg)
-                context = StepContext(pass_cfg, adapter, {"none": None}, None, adapter.device)
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
+                context = StepContext(pass_cfg, adapter, {"none": None}, None, adapter.device,
+                                      folder)  # fmt: skip
+                kind.prepare(pass_cfg, spec, context, folder)
                 step = kind.image_step(spec, context)
                 objective = spec.objective if step is not None and step.needs_objective else ""
                 if objective not in loaders:

@@ -151,13 +151,15 @@ class RobustnessSweep:
         )
 
     # ------------------------------------------------------------------ passes
-    def _step(self, spec: ThreatSpec):
-        """The pass's image step, built by its kind (None: clean images)."""
+    def _context(self, spec: ThreatSpec, pass_dir: Optional[str] = None) -> StepContext:
         cfg = spec.cfg(self.cfg)
         adaptive = AdaptiveSettings.from_config(cfg, spec.adaptive) if spec.adaptive else None
-        context = StepContext(cfg, self.adapter, self._pass_defenses(spec), adaptive,
-                              self.adapter.device)  # fmt: skip
-        return threat_kind(spec.kind).image_step(spec, context)
+        return StepContext(cfg, self.adapter, self._pass_defenses(spec), adaptive,
+                           self.adapter.device, pass_dir)  # fmt: skip
+
+    def _step(self, spec: ThreatSpec, pass_dir: Optional[str] = None):
+        """The pass's image step, built by its kind (None: clean images)."""
+        return threat_kind(spec.kind).image_step(spec, self._context(spec, pass_dir))
 
     def _attack(self, spec: ThreatSpec):  # the older name of _step
         return self._step(spec)
@@ -288,11 +290,11 @@ class RobustnessSweep:
 
     def _run_pass(self, spec: ThreatSpec, pass_dir: str) -> List[Dict]:
         defenses = self._pass_defenses(spec)
-        cfg = spec.cfg(self.cfg)
+        context = self._context(spec, pass_dir)
+        cfg = context.cfg
         kind = threat_kind(spec.kind)
-        context = StepContext(cfg, self.adapter, defenses, None, self.adapter.device)
         kind.prepare(cfg, spec, context, pass_dir)
-        step = self._step(spec)
+        step = kind.image_step(spec, context)
         wrapper = AdversarialInference(
             cfg,
             self.adapter,

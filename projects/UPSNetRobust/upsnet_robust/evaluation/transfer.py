@@ -155,7 +155,9 @@ class TransferStudy:
                 atomic_torch_save(os.path.join(folder, image_key(x) + ".pt"), adv.detach().cpu())
 
             cfg = spec.cfg(source.cfg)
-            context = StepContext(cfg, source.adapter, {"none": None}, None, source.adapter.device)
+            context = StepContext(cfg, source.adapter, {"none": None}, None,
+                                  source.adapter.device, folder)  # fmt: skip
+            threat_kind(spec.kind).prepare(cfg, spec, context, folder)
             step = threat_kind(spec.kind).image_step(spec, context)
             hook = AdversarialInference(
                 cfg, source.adapter, step, on_image=save, output_keys=(source.adapter.task,),

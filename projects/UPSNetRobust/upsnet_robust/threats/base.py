@@ -230,6 +230,8 @@ class StepContext:
         defenses: ordered ``{name: Transform or None}`` of the pass.
         adaptive: the pass's adaptive settings (surrogate, EOT samples) or None.
         device: the model's device.
+        cache_dir: the pass's directory (where :meth:`ThreatKind.prepare` keeps what it fits),
+            or None.
     """
 
     cfg: Any
@@ -237,6 +239,7 @@ class StepContext:
     defenses: Mapping[str, Any] = field(default_factory=dict)
     adaptive: Any = None
     device: Any = None
+    cache_dir: Optional[str] = None
 
 
 class ThreatKind:
@@ -316,8 +319,11 @@ class ThreatKind:
     @classmethod
     def prepare(cls, cfg, spec: ThreatSpec, context: StepContext, cache_dir: str) -> None:
         """Optional phase before the pass (``properties.needs_training_split``): e.g. fit a
-        universal perturbation or a patch on the training split, stored in ``cache_dir`` so a
-        resumed run loads it. Default: nothing."""
+        universal perturbation or a patch on the training split (``cfg.DATASETS.TRAIN``), stored
+        in ``cache_dir`` (the pass's cache directory) so a resumed run loads it instead of
+        fitting again; :meth:`image_step` then reads it. Runs on every process before the pass
+        (sweep, Trainer, transfer): write from the main process and synchronize. Default:
+        nothing."""
 
     @classmethod
     def image_step(cls, spec: ThreatSpec, context: StepContext) -> Optional[ImageStep]:
