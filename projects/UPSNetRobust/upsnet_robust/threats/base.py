@@ -258,6 +258,9 @@ class ThreatKind:
             transfer raise a clear error).
         objective_texts: ``{objective name: sentence}`` for objective names the kind puts in
             its cells that are not registered objectives (an ensemble's "ensemble").
+        own_modules: modules or packages (dotted names) that implement the kind besides its
+            own module (e.g. the image functions of a corruption kind): they, too, may compare
+            against its names.
     """
 
     name = "threat"
@@ -266,6 +269,7 @@ class ThreatKind:
     combines = False
     sweep_only = False
     objective_texts: Dict[str, str] = {}
+    own_modules: Tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ config -> specs
     @classmethod
