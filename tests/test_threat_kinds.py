@@ -224,8 +224,10 @@ def test_a_setting_left_out_of_describe_still_moves_the_key(
     assert b["step_size"] == pytest.approx(8.0 / 3)
 
 
-def test_plugin_flag_is_read_before_the_yaml_is_merged(tmp_path):
-    """tools/attack_net.py --plugin FILE: the plug-in's config key merges from a YAML file."""
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_plugin_is_imported_before_the_yaml_is_merged(tmp_path, how):
+    """tools/attack_net.py --plugin FILE (or UPSNET_PLUGINS): the plug-in's config key merges
+    from a YAML file and its attack builds with it."""
     (tmp_path / "my_attacks.py").write_text(_docs_block("An attack"))
     (tmp_path / "cfg.yaml").write_text(
         f"OUTPUT_DIR: {tmp_path / 'out'}\nROBUSTNESS:\n  ATTACKS: ['split_fgsm']\n"
@@ -240,13 +242,38 @@ def test_plugin_flag_is_read_before_the_yaml_is_merged(tmp_path):
         "from upsnet_robust.attacks import build_attack\n"
         "print('STEPS', cfg.ROBUSTNESS.SPLIT_FGSM.STEPS, build_attack(cfg, 'split_fgsm', 6.0))\n"
     )
+    plugin = str(tmp_path / "my_attacks.py")
+    flag = ["--plugin", plugin] if how == "flag" else []
+    env = dict(os.environ, **({"UPSNET_PLUGINS": plugin} if how == "env" else {}))
     proc = subprocess.run(
-        [sys.executable, "-c", code, "--plugin", str(tmp_path / "my_attacks.py"),
-         "--config-file", str(tmp_path / "cfg.yaml")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code, *flag, "--config-file", str(tmp_path / "cfg.yaml")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STEPS 3 SplitFGSM(eps=6.0, num_steps=3, step_size=2.0" in proc.stdout
+
+
+def test_every_tool_takes_the_plugin_flag():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    try:
+        import transfer_net
+        from detectron2.engine import default_argument_parser
+
+        from upsnet_robust.engine import add_plugin_argument
+    finally:
+        sys.path.pop(0)
+    args = transfer_net.argument_parser().parse_args(
+        ["--config-file", "a.yaml", "--output-dir", "o", "--plugin", "p.py", "--plugin", "q"]
+    )
+    assert args.plugin == ["p.py", "q"] and args.opts == []
+    args = add_plugin_argument(default_argument_parser()).parse_args(["--plugin", "m"])
+    assert args.plugin == ["m"]  # attack_net and train_net's parser
+    for tool in ("attack_net.py", "train_net.py", "transfer_net.py"):
+        assert "add_plugin_argument" in open(os.path.join(REPO_ROOT, "tools", tool)).read()
+    with pytest.raises(ImportError, match="Plug-in 'no_such_plugin_module'"):
+        load_plugins(["no_such_plugin_module"])
+    with pytest.raises(ImportError, match="no such file"):
+        load_plugins(["missing_plugin.py"])
 
 
 def test_docs_threat_kind_is_the_extension_toy():
