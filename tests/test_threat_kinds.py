@@ -132,6 +132,33 @@ def test_a_single_step_attack_registered_under_a_new_name_gets_the_check():
         ATTACK_REGISTRY._obj_map.pop("pytest_one_shot")
 
 
+def test_an_attack_declares_its_own_config_keys():
+    from detectron2.config import CfgNode
+
+    @register_attack("pytest_own_key")
+    class OwnKey(Attack):
+        @staticmethod
+        def add_config(cfg):
+            cfg.ROBUSTNESS.PYTEST_OWN_KEY = CfgNode({"SCALE": 0.5})
+
+        def __init__(self, eps, scale=1.0):
+            super().__init__(eps)
+            self.scale = scale
+
+        @classmethod
+        def from_config(cls, cfg, eps):
+            return {"eps": eps, "scale": cfg.ROBUSTNESS.PYTEST_OWN_KEY.SCALE}
+
+    before = list(_CONFIG_FUNCTIONS)
+    try:
+        cfg = get_upsnet_cfg()
+        cfg.merge_from_list(["ROBUSTNESS.PYTEST_OWN_KEY.SCALE", "0.25"])
+        assert build_attack(cfg, "pytest_own_key", 2.0).scale == 0.25
+    finally:
+        ATTACK_REGISTRY._obj_map.pop("pytest_own_key")
+        _CONFIG_FUNCTIONS[:] = [f for f in before if f is not OwnKey.add_config]
+
+
 def test_apgd_baseline_check_reads_the_declared_baseline():
     cells = [_cell("pgd", 30.0, num_steps=10), _cell("apgd", 35.0, num_steps=10)]
     (check,) = [c for c in sanity_checks(cells) if c["check"].startswith("apgd_vs_pgd")]
