@@ -294,7 +294,7 @@ class RobustnessSweep:
         cfg = context.cfg
         kind = threat_kind(spec.kind)
         kind.prepare(cfg, spec, context, pass_dir)
-        step = kind.image_step(spec, context)
+        step = self._step(spec, pass_dir)
         wrapper = AdversarialInference(
             cfg,
             self.adapter,
