@@ -199,7 +199,10 @@ class AttackKind(ThreatKind):
         from ..evaluation.checks import check_attack_objective, check_attack_settings
 
         own = [s for s in specs if not s.member_of]  # members: their ensemble's kind checks them
-        for name, objective in OrderedDict.fromkeys((s.name, s.objective) for s in own):
+        # with the configured objective: the check tells "no objective helps" (an attack with a
+        # required one the model cannot serve) from "another objective would"
+        pairs = ((s.name, s.cfg(cfg).ROBUSTNESS.OBJECTIVE) for s in own)
+        for name, objective in OrderedDict.fromkeys(pairs):
             check_attack_objective(adapter, name, objective)
         check_attack_settings(cfg, [s.name for s in own])
 
