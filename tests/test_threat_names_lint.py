@@ -104,3 +104,66 @@ def test_the_lint_catches_each_form():
         "compares against 'sea'", "compares against 'fgsm'", "compares against 'fgsm'",
         "compares against 'least_likely'",
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ layering
+#: What threats/ may use of evaluation/: the per-image statistics and the hook's settings
+#: (below threats); the sweep, hook, checks, transfer and report are above it.
+BELOW_THREATS = {
+    "upsnet_robust.evaluation.breakdown",
+    "upsnet_robust.evaluation.ensemble",
+    "upsnet_robust.evaluation.panoptic_stats",
+    "upsnet_robust.evaluation.semantic_stats",
+    "upsnet_robust.evaluation.hook_settings",
+}
+LOWER_PACKAGES = ("attacks", "defenses", "adapters", "data", "modeling", "utils")
+
+
+def _imports(path: str, module: str):
+    """Absolute names of every module imported by ``path`` (function-level imports too)."""
+    package = module.rsplit(".", 1)[0] if not path.endswith("__init__.py") else module
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            out.add(name)
+            out.update(f"{name}.{a.name}" for a in node.names)  # ``from pkg import module``
+    return {n for n in out if n.startswith("upsnet_robust")}
+
+
+def _modules():
+    for root, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, ".")
+                yield path, rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def test_threats_sit_between_the_statistics_and_the_sweep():
+    bad = []
+    for path, module in _modules():
+        imported = _imports(path, module)
+        if module.startswith("upsnet_robust.threats"):
+            above = {
+                n for n in imported
+                if n.startswith("upsnet_robust.evaluation") and n != "upsnet_robust.evaluation"
+                and not any(n == b or n.startswith(b + ".") for b in BELOW_THREATS)
+            }  # fmt: skip
+            bad += [f"{module} imports {n} (above threats/)" for n in sorted(above)]
+        parts = module.split(".")
+        below = module in BELOW_THREATS or (
+            len(parts) > 1 and parts[1] in LOWER_PACKAGES + ("tasks", "config"))  # fmt: skip
+        if below:
+            up = {n for n in imported if n.startswith(("upsnet_robust.threats",
+                                                        "upsnet_robust.evaluation.sweep",
+                                                        "upsnet_robust.evaluation.report"))}
+            bad += [f"{module} imports {n} (below threats/)" for n in sorted(up)]
+    assert bad == [], "\n".join(bad)

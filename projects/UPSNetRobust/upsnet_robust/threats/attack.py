@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..attacks.checks import check_attack_objective, check_attack_settings, objective_for
 from ..attacks.objectives import AutocastObjective, build_objective, image_seed, objective_class
 from ..attacks.registry import ATTACK_REGISTRY, attack_class, build_attack
 from ..defenses.bpda import DefenseAwareObjective
@@ -24,13 +25,6 @@ __all__ = ["AttackKind", "AttackStep", "adaptive_defense_names", "attack_steps",
 
 # Mixed into an image's seed for its EOT mask stream (independent of the attack's own stream).
 _EOT_STREAM = 0x0E07
-
-
-def objective_for(attack, objective: str) -> str:
-    """The objective an attack (a registered name, or a built attack) runs with: its required
-    one (ILLC's), else ``objective`` (ROBUSTNESS.OBJECTIVE). The one place this rule lives."""
-    cls = attack_class(attack) if isinstance(attack, str) else attack
-    return getattr(cls, "required_objective", None) or objective
 
 
 def adaptive_defense_names(cfg) -> List[str]:
@@ -196,8 +190,6 @@ class AttackKind(ThreatKind):
 
     @classmethod
     def check(cls, cfg, adapter, specs: Sequence[ThreatSpec]) -> None:
-        from ..evaluation.checks import check_attack_objective, check_attack_settings
-
         own = [s for s in specs if not s.member_of]  # members: their ensemble's kind checks them
         # with the configured objective: the check tells "no objective helps" (an attack with a
         # required one the model cannot serve) from "another objective would"

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 from ..adapters.base import UnsupportedModelError
+from ..attacks.checks import check_attack_objective, dense_objectives, usable_objectives
 from ..attacks.objectives import objective_class
 from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError, attack_class
 from .attack import AttackKind
@@ -192,12 +193,10 @@ def _check_attack_name(where: str, attack: str, objective: str) -> type:
 
 
 def _check_member(adapter, key: str, entry: str, attack: str, objective: str):
-    from ..evaluation.checks import _dense_objectives, _usable_objectives, check_attack_objective
-
     where = f"{key} entry {entry!r}"
     cls = _check_attack_name(where, attack, objective)
-    dense = _dense_objectives(adapter)
-    usable = dense if getattr(cls, "needs_dense_objective", False) else _usable_objectives(adapter)
+    dense = dense_objectives(adapter)
+    usable = dense if getattr(cls, "needs_dense_objective", False) else usable_objectives(adapter)
     suggestion = f"objectives this model serves: {', '.join(usable) or 'none'}"
     try:
         obj_cls = objective_class(objective)

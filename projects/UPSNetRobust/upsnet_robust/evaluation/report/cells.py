@@ -13,12 +13,12 @@ panoptic; one without ``metric`` uses its task's headline (:data:`HEADLINE_METRI
 """
 
 import dataclasses
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 from ...tasks import HEADLINE_METRICS, TABLE_METRICS, TASK_METRICS, TASKS  # one place
+from ...utils.numbers import finite  # noqa: F401  (re-exported)
 
 __all__ = [
     "CLEAN",
@@ -46,17 +46,6 @@ DEFAULT_TASK = "panoptic_seg"
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
 
 CellLike = Union["ResultCell", Mapping[str, Any]]
-
-
-def finite(value) -> Optional[float]:
-    """A finite float, or None for missing / non-numeric / boolean / NaN / inf values."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 @dataclass
