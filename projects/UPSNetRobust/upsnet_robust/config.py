@@ -128,6 +128,9 @@ def add_corruption_config(cfg):
     from .corruptions.catalog import CORRUPTIONS, SEVERITIES
 
     _C = cfg
+    # Run the natural-corruption passes (threat kind "corruption") besides ROBUSTNESS.ATTACKS;
+    # off by default: the full grid is 75 passes. With ATTACKS [] only corruptions run.
+    _C.ROBUSTNESS.RUN_CORRUPTIONS = False
     # Corruptions of imagecorruptions (the 15 of ImageNet-C / Cityscapes-C by default), each run at
     # every severity below; images are corrupted with a seed per image, corruption and severity.
     _C.ROBUSTNESS.CORRUPTIONS = list(CORRUPTIONS)
