@@ -119,6 +119,8 @@ class APGD(Attack):
     """
 
     name = "apgd"
+    baseline = "pgd"  # its step-size control exists to beat fixed-step PGD at equal passes
+    keeps_accuracy = True
     supports_early_stop = True
 
     @configurable

@@ -126,6 +126,11 @@ class ResultCell:
     # size / things-stuff / per-class split of the metrics (evaluation.breakdown); None in
     # cells from sweeps that predate it, which report it as n/a
     breakdown: Optional[Dict[str, Any]] = None
+    # the threat kind and the properties the checks and texts read (upsnet_robust.threats);
+    # None in cells of older sweeps, whose properties come from their attack's registered kind
+    threat: Optional[Dict[str, Any]] = None
+    corruption: Optional[str] = None  # a natural corruption's name (corruption cells)
+    severity: Optional[int] = None  # its severity
     extra: Dict[str, Any] = field(default_factory=dict)  # keys this class does not know
 
     def __post_init__(self):
@@ -211,8 +216,17 @@ class ResultCell:
         return self.value(self.metric)
 
     @property
+    def properties(self):
+        """The cell's :class:`~upsnet_robust.threats.ThreatProperties` (its ``threat`` record,
+        else those of the kind serving its ``attack``)."""
+        from ...threats import cell_properties
+
+        return cell_properties(self)
+
+    @property
     def is_clean(self) -> bool:
-        return self.attack == CLEAN
+        """The reference cell (the clean kind's)."""
+        return self.properties.reference
 
     @property
     def defense_name(self) -> str:
