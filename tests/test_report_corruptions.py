@@ -72,3 +72,10 @@ def test_no_corruption_cells_no_corruption_output(tmp_path):
     assert "corruptions" not in json.load(open(paths["json"]))
     assert "Natural corruptions" not in open(paths["md"]).read()
     assert "metric_vs_severity" not in paths and corruption_summaries(cells) is None
+
+
+def test_failures_of_corruption_cells_are_listed(tmp_path):
+    cells = _cells()
+    cells[-1].update(num_failed=1, failures=[{"image_id": "img_7", "reason": "boom"}])
+    md = open(write_report(cells, str(tmp_path))["md"]).read()
+    assert "- gaussian_noise severity 2, nlmeans: img_7: boom" in md

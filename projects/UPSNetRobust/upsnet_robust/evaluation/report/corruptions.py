@@ -57,6 +57,15 @@ def corruption_summaries(cells: Sequence[CellLike]) -> Optional[Dict]:
     return {"metric": report_kind(cells).metric, "defenses": defenses}
 
 
+def _threat_model(cells: Sequence[CellLike]) -> str:
+    """The threat-model sentence of the kinds behind the corruption cells."""
+    from ...threats import threat_kind
+
+    names = unique((c.get("threat") or {}).get("kind") for c in corruption_cells(cells))
+    texts = [threat_kind(n).threat_model for n in names if n]
+    return "; ".join(texts) or "natural corruptions (imagecorruptions), no adversary"
+
+
 def corruption_markdown(cells: Sequence[CellLike]) -> List[str]:
     """The report's "Natural corruptions" section (no lines without corruption cells)."""
     summary = corruption_summaries(cells)
@@ -66,9 +75,10 @@ def corruption_markdown(cells: Sequence[CellLike]) -> List[str]:
     lines = [
         "## Natural corruptions",
         "",
-        f"{metric} under the corruptions of `imagecorruptions` (each image seeded by its id, the "
-        f"corruption and the severity). mPC: mean {metric} over every corruption and severity "
-        f"run; rPC = mPC / clean {metric} of the same defense.",
+        f"**Threat model:** {_threat_model(cells)}. mPC: mean {metric} over every corruption "
+        f"and severity run; rPC = mPC / clean {metric} of the same defense (docs/CORRUPTIONS.md).",
+        "",
+        f"![{metric} vs severity]({METRIC_VS_SEVERITY_FILE})",
         "",
     ]
     rows = [[d, fmt(s["clean"]), fmt(s["mPC"]), fmt(s["rPC"], 3), str(s["num_cells"])]
@@ -86,6 +96,12 @@ def corruption_markdown(cells: Sequence[CellLike]) -> List[str]:
         header = ["corruption"] + [f"severity {sev}" for sev in severities] + ["mean"]
         lines += [f"{metric} per corruption and severity, defense `{d}`:", ""]
         lines += md_table(header, rows) + [""]
+    failed = [c for c in corruption_cells(cells) if c.num_failed]
+    if failed:
+        lines += ["Images that could not be corrupted or scored (left out of their cells):", ""]
+        lines += [f"- {c.get('corruption')} severity {c.get('severity')}, {c.defense_name}: "
+                  + "; ".join(f"{f.get('image_id')}: {f.get('reason')}" for f in c.failures)
+                  for c in failed] + [""]  # fmt: skip
     return lines
 
 

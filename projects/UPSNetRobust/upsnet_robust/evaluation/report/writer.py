@@ -100,13 +100,14 @@ def write_report(
     text = json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n"
     atomic_write(paths["json"], text)
     atomic_write(paths["csv"], csv_text(cells))
-    md = markdown_report(cells, kind, metadata, checks, METRIC_TOLERANCE)
+    # the attack sections, ranking and eps figures cover the attacks' cells; corruption cells
+    # (no eps, no adversary) have their own section and figure
+    eps_cells = [c for c in cells if c.get("corruption") is None]
+    md = markdown_report(eps_cells, kind, metadata, checks, METRIC_TOLERANCE)
     section = corruption_markdown(cells)
     if section:
         md = md.rstrip("\n") + "\n\n" + "\n".join(section)
     atomic_write(paths["md"], md)
-    # the eps figures show the attacks' cells; corruptions have their own figure
-    eps_cells = [c for c in cells if c.get("corruption") is None]
     for key, plot in _plotters().items():
         plot(eps_cells, paths[key])
     if corruptions is not None:
