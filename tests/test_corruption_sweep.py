@@ -82,6 +82,25 @@ def test_corruptions_only_sweep_cells_and_report(synthetic_cityscapes_names, wei
     assert "## Natural corruptions" in open(os.path.join(out, "robustness.md")).read()
 
 
+def test_attacks_and_corruptions_in_one_sweep(synthetic_cityscapes_names, weights, tmp_path):
+    cfg = _cfg(synthetic_cityscapes_names, weights, tmp_path / "mixed", "ROBUSTNESS.ATTACKS",
+               "['fgsm', 'ifgsm']", "ROBUSTNESS.EPSILONS", "[1.0]", "ROBUSTNESS.CORRUPTIONS",
+               "['contrast']", "ROBUSTNESS.SEVERITIES", "[5]", "ROBUSTNESS.NUM_EXAMPLES", "0",
+               "ROBUSTNESS.DEFENSES", "['none']")
+    run_robustness_sweep(cfg, _model(cfg))
+    data = json.load(open(os.path.join(cfg.OUTPUT_DIR, "robustness.json")))
+    kinds = [(c["attack"], c.get("corruption")) for c in data["cells"] if c["defense"] == "none"]
+    assert kinds == [("clean", None), ("fgsm", None), ("ifgsm", None), ("contrast", "contrast")]
+    # the attack checks see fgsm and ifgsm only: a corruption cell (no steps, no eps) is
+    # neither "iterative" nor "single-step"
+    names = [c["check"] for c in data["checks"]]
+    assert any("iterative_vs_single_step" in n for n in names)
+    assert not any("contrast" in n for n in names)
+    md = open(os.path.join(cfg.OUTPUT_DIR, "robustness.md")).read()
+    assert "## Attack: fgsm" in md and "## Attack: contrast" not in md
+    assert data["corruptions"]["defenses"]["none"]["num_cells"] == 1
+
+
 def _step(corruption, severity, cfg):
     spec = ThreatSpec.make("corruption", corruption,
                            params={"corruption": corruption, "severity": severity})  # fmt: skip
