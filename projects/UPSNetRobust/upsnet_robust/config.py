@@ -1,16 +1,41 @@
 # Copyright (c) UPSNetRobust authors.
 """Config keys of UPSNetRobust. Call ``add_upsnet_config`` then ``add_robustness_config``
-on a fresh ``get_cfg()`` before merging YAML files."""
+on a fresh ``get_cfg()`` before merging YAML files; :func:`add_registered_config` then adds the
+keys that model adapters and plug-ins contributed with :func:`register_config` (e.g.
+Panoptic-DeepLab's, a plug-in threat kind's), so set-up code names no model's keys."""
+from typing import Callable, List
+
 from detectron2.config import CfgNode as CN
 
 from .defenses.config import add_defense_config
 
 __all__ = [
-    "add_upsnet_config",
+    "add_corruption_config",
+    "add_registered_config",
     "add_robustness_config",
     "add_sea_config",
-    "add_corruption_config",
+    "add_upsnet_config",
+    "register_config",
 ]
+
+_CONFIG_FUNCTIONS: List[Callable] = []
+
+
+def register_config(fn: Callable) -> Callable:
+    """Register ``fn(cfg)``, which adds config keys (a model's ``add_*_config``, a plug-in's
+    ``add_config``); :func:`add_registered_config` calls every registered function, in order,
+    after the project's own keys exist. Usable as a decorator; registering twice is a no-op."""
+    if not callable(fn):
+        raise TypeError(f"register_config takes a function cfg -> None, got {fn!r}")
+    if fn not in _CONFIG_FUNCTIONS:
+        _CONFIG_FUNCTIONS.append(fn)
+    return fn
+
+
+def add_registered_config(cfg) -> None:
+    """Call every function of :func:`register_config` on ``cfg``."""
+    for fn in list(_CONFIG_FUNCTIONS):
+        fn(cfg)
 
 
 def add_upsnet_config(cfg):

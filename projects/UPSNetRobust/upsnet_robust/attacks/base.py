@@ -237,6 +237,9 @@ class Attack:
     #: A registered attack this one must be at least as strong as at an equal budget of
     #: forward-backward passes (APGD: "pgd"), read by the report's sanity checks.
     baseline: Optional[str] = None
+    #: How the attack picks its steps and step size when the config leaves them to it (the
+    #: report's metadata states it); "" when it has no such rule.
+    step_rule: str = ""
     #: True for attacks that read ROBUSTNESS.APGD_KEEP "accuracy" (the point of fewest correct
     #: pixels), which needs an untargeted dense objective.
     keeps_accuracy: bool = False

@@ -41,16 +41,24 @@ def adaptive_defense_names(cfg) -> List[str]:
 
 
 def attack_steps(attack):
-    """``(num_steps, step_size)`` of a built attack: its own (``describe()`` reads the
-    attack's attributes), per-image lists reduced to their maximum."""
+    """``(num_steps, step_size)`` of a built attack, as the cells record them: its own
+    ``num_steps`` / ``step_size`` attributes where it sets them (the arguments it was built
+    with), else what its ``describe()`` states (e.g. Kurakin's rule resolved per eps); per-image
+    lists reduced to their maximum."""
     desc = attack.describe()
+    steps = getattr(attack, "num_steps", None)
+    size = getattr(attack, "step_size", None)
+    steps = desc.get("num_steps") if steps is None else steps
+    size = desc.get("step_size") if size is None or steps is None else size
 
     def first(v, cast):
+        if torch.is_tensor(v):
+            v = v.tolist()
         if isinstance(v, (list, tuple)):
             v = max(v) if v else 0
         return cast(v or 0)
 
-    return first(desc.get("num_steps"), int), first(desc.get("step_size"), float)
+    return first(steps, int), first(size, float)
 
 
 class AttackStep(ImageStep):

@@ -224,6 +224,13 @@ class ResultCell:
         return cell_properties(self)
 
     @property
+    def is_adversarial(self) -> bool:
+        """An L-inf adversary's cell (an attack or an ensemble at some eps): the cells that
+        worst cases, rankings and the eps checks compare (not clean, not corruptions)."""
+        props = self.properties
+        return props.eps_bounded and not props.reference
+
+    @property
     def is_clean(self) -> bool:
         """The reference cell (the clean kind's)."""
         return self.properties.reference

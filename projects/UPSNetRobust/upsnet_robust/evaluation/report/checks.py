@@ -66,9 +66,7 @@ def _scored(cells: Sequence[CellLike]) -> Tuple[List[ResultCell], _Scored]:
         if c.is_clean and c.score is not None:
             clean.setdefault(c.defense_name, []).append(c)
     # the perturbed cells of an L-inf budget (corruption cells have their own checks)
-    attacked = [
-        c for c in cells if not c.is_clean and c.score is not None and c.properties.eps_bounded
-    ]
+    attacked = [c for c in cells if c.is_adversarial and c.score is not None]
     return cells, _Scored(metric, clean, attacked)
 
 
