@@ -125,6 +125,32 @@ def test_step_equals_the_reference_per_image_whatever_the_batch():
     assert not torch.equal(_step("shot_noise", 3, cfg)(inputs, images).images[0], out[0])
 
 
+def test_prepare_compiles_glass_blur_before_the_first_image():
+    # In a fresh interpreter (numba compiles once per process): the kernel has no compiled
+    # signature before prepare and has one after it, so no image's time includes compiling.
+    code = (
+        "import numpy as np\n"
+        "from imagecorruptions import corruptions as c\n"
+        "from upsnet_robust.threats import ThreatSpec, threat_kind\n"
+        "kernel = c._shuffle_pixels_njit_glass_blur\n"
+        "before = len(kernel.signatures)\n"
+        "spec = ThreatSpec.make('corruption', 'glass_blur',\n"
+        "                       params={'corruption': 'glass_blur', 'severity': 1})\n"
+        "threat_kind('corruption').prepare(None, spec, None, '')\n"
+        "print(before, len(kernel.signatures))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=_package_path()))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "1"]
+
+
+def _package_path():
+    import upsnet_robust
+
+    return os.path.dirname(os.path.dirname(upsnet_robust.__file__))
+
+
 def test_switch_and_bad_keys_fail_at_set_up():
     assert all(s.kind != "corruption" for s in expand_threats(tiny_cfg()))  # off by default
     on = ["ROBUSTNESS.RUN_CORRUPTIONS", "True"]
