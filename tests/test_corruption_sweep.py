@@ -194,7 +194,8 @@ def test_corruption_cells_equal_with_one_and_two_processes_and_after_kill(
     for a, b in zip(*files):
         ea, eb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
         for d in ("none", "median"):
-            assert torch.equal(ea["outputs"][d]["panoptic_seg"][0], eb["outputs"][d]["panoptic_seg"][0])
+            ids_a, ids_b = ea["outputs"][d]["panoptic_seg"][0], eb["outputs"][d]["panoptic_seg"][0]
+            assert torch.equal(ids_a, ids_b)
 
     killed = str(tmp_path / "killed")
     cmd = [sys.executable, "-c", _KILL_MID_SWEEP, os.path.join(REPO_ROOT, "tools", "attack_net.py")]

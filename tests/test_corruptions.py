@@ -80,7 +80,9 @@ def test_the_callers_global_rng_state_is_restored():
     np.testing.assert_array_equal(np.random.rand(3), expected)
 
 
-@pytest.mark.parametrize("name", [n for n in get_corruption_names("common") if n not in DETERMINISTIC])
+@pytest.mark.parametrize(
+    "name", [n for n in get_corruption_names("common") if n not in DETERMINISTIC]
+)
 def test_random_corruptions_differ_between_images_and_cells(name):
     image = _image()
     a = corrupt_rgb(image, name, 3, corruption_seed(0, "frankfurt_000000_000294", name, 3))

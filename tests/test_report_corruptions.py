@@ -79,3 +79,20 @@ def test_failures_of_corruption_cells_are_listed(tmp_path):
     cells[-1].update(num_failed=1, failures=[{"image_id": "img_7", "reason": "boom"}])
     md = open(write_report(cells, str(tmp_path))["md"]).read()
     assert "- gaussian_noise severity 2, nlmeans: img_7: boom" in md
+
+
+def test_terminal_table_shows_severity_instead_of_eps():
+    from upsnet_robust.evaluation.report import format_table
+
+    lines = format_table(_cells()).splitlines()
+    fog = [line.split() for line in lines if line.startswith("fog")]
+    assert [row[1:4] for row in fog] == [["sev", "1", "none"], ["sev", "2", "none"],
+                                         ["sev", "1", "nlmeans"], ["sev", "2", "nlmeans"]]
+
+
+def test_csv_has_corruption_and_severity_columns(tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(open(write_report(_cells(), str(tmp_path))["csv"])))
+    columns = [(r["corruption"], r["severity"]) for r in rows[:3]]
+    assert columns == [("", ""), ("", ""), ("fog", "1")]
