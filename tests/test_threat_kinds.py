@@ -16,8 +16,8 @@ from upsnet_robust.attacks import ATTACK_REGISTRY, Attack, build_attack, registe
 from upsnet_robust.config import _CONFIG_FUNCTIONS
 from upsnet_robust.engine import get_upsnet_cfg, load_plugins
 from upsnet_robust.evaluation.report import sanity_checks
-from upsnet_robust.threats import expand_threats, threat_kind
-from upsnet_robust.threats.attack import AttackKind, AttackStep
+from upsnet_robust.threats import expand_threats
+from upsnet_robust.threats.attack import AttackKind
 
 DOCS = os.path.join(REPO_ROOT, "docs", "EXTENDING.md")
 

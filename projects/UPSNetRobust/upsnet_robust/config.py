@@ -95,8 +95,9 @@ def add_robustness_config(cfg):
     # Early stopping of iterative attacks (PGD family, SegPGD, CosPGD, MI-FGSM, APGD) with an
     # untargeted dense objective: an image stops once none of its labelled pixels is classified
     # correctly (read from the attack's own forward pass) and keeps that point; a batch stops when
-    # all its images have. Saves passes; off keeps the study's protocol and caches (when on, it
-    # is part of each pass's key). Rejected at set-up with other objectives and ADAPTIVE.
+    # all its images have. Saves passes; off keeps the study's protocol (like every setting an
+    # attack reads, it is part of each pass's key). Rejected at set-up with other objectives and
+    # ADAPTIVE.
     _C.ROBUSTNESS.EARLY_STOP = False
     add_sea_config(_C)
     add_corruption_config(_C)

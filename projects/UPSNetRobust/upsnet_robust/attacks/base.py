@@ -292,11 +292,13 @@ class Attack:
         size = getattr(self, "step_size", None)
         if steps is None:
             steps, size = (1, eps) if self.single_step else (0, 0.0)
+        if torch.is_tensor(size):
+            size = size.tolist()
         return {
             "name": self.name,
             "eps": eps,
             "num_steps": steps,
-            "step_size": eps if size is None else (size.tolist() if torch.is_tensor(size) else size),
+            "step_size": eps if size is None else size,
             "random_start": bool(getattr(self, "random_start", False)),
             "restarts": int(getattr(self, "restarts", 1) or 1),
         }

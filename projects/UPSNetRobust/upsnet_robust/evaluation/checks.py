@@ -9,7 +9,7 @@ from typing import Iterable, List
 
 from ..adapters.base import DENSE_LOGITS, ModelAdapter, UnsupportedModelError
 from ..attacks.objectives import objective_class
-from ..attacks.registry import ATTACK_REGISTRY, UnknownAttackError, attack_class
+from ..attacks.registry import ATTACK_REGISTRY, attack_class
 from ..data import check_dataset_registered  # noqa: F401  (re-exported: one set-up module)
 
 __all__ = [

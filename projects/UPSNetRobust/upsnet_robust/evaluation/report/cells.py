@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
+from ...tasks import HEADLINE_METRICS, TABLE_METRICS, TASK_METRICS, TASKS  # one place
+
 __all__ = [
     "CLEAN",
     "HEADLINE_METRICS",
@@ -41,24 +43,7 @@ CLEAN = "clean"  # ``attack`` of a clean (unattacked) cell; its eps is 0
 UNDEFENDED = "none"  # ``defense`` of an undefended cell
 DEFAULT_TASK = "panoptic_seg"
 
-# Metric keys of each task, as detectron2's evaluators name them.
-TASK_METRICS = OrderedDict(
-    [
-        ("panoptic_seg", ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")),
-        ("sem_seg", ("mIoU", "fwIoU", "mACC", "pACC")),
-        ("instances", ("AP", "AP50", "AP75", "APs", "APm", "APl")),
-    ]
-)
-TASKS = tuple(TASK_METRICS)
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
-# The metric a task is judged by when a cell does not name one.
-HEADLINE_METRICS = {"panoptic_seg": "PQ", "sem_seg": "mIoU", "instances": "AP"}
-# The columns of the compact terminal table.
-TABLE_METRICS = {
-    "panoptic_seg": ("PQ", "SQ", "RQ"),
-    "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC"),
-    "instances": ("AP", "AP50", "AP75"),
-}
 
 CellLike = Union["ResultCell", Mapping[str, Any]]
 

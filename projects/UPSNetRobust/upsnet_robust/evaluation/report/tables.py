@@ -43,6 +43,7 @@ CSV_COLUMNS = (
     "eot_samples",
 )
 # Appended after CSV_COLUMNS when some cell has them.
+# (corruption, severity: the cells of a corruption threat kind)
 _OPTIONAL_COLUMNS = ("task", "metric", "model", "corruption", "severity")
 
 
