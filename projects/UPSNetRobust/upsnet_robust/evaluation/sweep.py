@@ -36,6 +36,7 @@ from .checks import check_dataset_registered, check_early_stop
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import AdaptiveSettings, amp_dtype
 from .panoptic_stats import save_image_stats
+from .report.cells import ResultCell
 from .robust_mapper import RobustMapper, objective_needs_segments
 from .semantic_stats import save_confusion_stats
 
@@ -281,6 +282,7 @@ class RobustnessSweep:
         digest = _sha(json.dumps([kind.cache_key(self.cfg, spec), keys]).encode())[:10]
         directory = os.path.join(self.cache_root, f"{_safe(kind.tag(spec))}_{digest}")
         cells = kind.combine(spec, members, self.task, directory)
+        cells = [ResultCell.from_dict(c).to_dict() for c in cells]  # typed: fails on a bad field
         logger.info("%s: combined %d member passes, kept in %s", label, len(members), directory)
         return cells
 
@@ -384,7 +386,7 @@ class RobustnessSweep:
                 cell["breakdown"] = breakdown
             if threat is not None:
                 cell["threat"] = threat
-            cells.append(cell)
+            cells.append(ResultCell.from_dict(cell).to_dict())  # typed: fails on a bad field
         return cells
 
 

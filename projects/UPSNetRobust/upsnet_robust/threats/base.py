@@ -336,6 +336,8 @@ class ThreatKind:
             "eps": spec.eps,
             "num_steps": int(num_steps),
             "step_size": float(step_size),
+            "random_start": False,
+            "restarts": 1,
         }
         if step is not None:
             fields.update(step.describe())

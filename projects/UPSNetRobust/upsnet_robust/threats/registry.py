@@ -1,7 +1,6 @@
 # Copyright (c) UPSNetRobust authors.
 """``THREAT_REGISTRY``, :func:`register_threat` and the one expansion of passes from a config,
 shared by the sweep, the Trainer's attacked evaluation and transfer."""
-from functools import lru_cache
 from typing import List, Mapping
 
 from detectron2.utils.registry import Registry
@@ -38,7 +37,6 @@ def register_threat(name: str):
     def register(cls):
         out = deco(cls)
         _ORDER.append(name)
-        name_properties.cache_clear()
         return out
 
     return register
@@ -130,10 +128,10 @@ def check_threats(cfg, adapter, specs) -> None:
             kind.check(cfg, adapter, own)
 
 
-@lru_cache(maxsize=None)
 def name_properties(name: str) -> ThreatProperties:
     """The properties of a cell name (older cells carry no ``threat`` record): those of the
-    kind claiming it; an unknown name counts as an iterative L-inf attack."""
+    kind claiming it; an unknown name counts as an iterative L-inf attack. Not cached: an
+    attack registered later is seen."""
     kind = kind_of(name)
     if kind is None:
         return ThreatProperties(iterative=True, eps_bounded=True, needs_gradients=True,
