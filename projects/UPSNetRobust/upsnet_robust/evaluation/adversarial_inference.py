@@ -33,7 +33,7 @@ from ..adapters.base import as_adapter
 from ..attacks import NonFiniteGradientError
 from ..defenses import apply_defense_to_tensor
 from ..defenses.workers import DefenseWorkers
-from ..threats.attack import AttackStep
+from ..threats.attack import AttackStep, objective_for
 from ..threats.base import ImageFailure, ImageStep
 from ..utils.image import pad_stack
 from .hook_settings import AdaptiveSettings, HookSettings
@@ -161,7 +161,7 @@ class AdversarialInference(nn.Module):
         s = self.settings
         return AttackStep(
             attack,
-            getattr(attack, "required_objective", None) or s.objective,
+            objective_for(attack, s.objective),
             self.adapter,
             seed=s.seed,
             input_format=s.input_format,

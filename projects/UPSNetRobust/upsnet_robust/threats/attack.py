@@ -26,10 +26,11 @@ __all__ = ["AttackKind", "AttackStep", "adaptive_defense_names", "attack_steps",
 _EOT_STREAM = 0x0E07
 
 
-def objective_for(attack_name: str, objective: str) -> str:
-    """The objective an attack runs with: its required one (ILLC's), else ``objective``
-    (ROBUSTNESS.OBJECTIVE). The one place this rule lives."""
-    return getattr(attack_class(attack_name), "required_objective", None) or objective
+def objective_for(attack, objective: str) -> str:
+    """The objective an attack (a registered name, or a built attack) runs with: its required
+    one (ILLC's), else ``objective`` (ROBUSTNESS.OBJECTIVE). The one place this rule lives."""
+    cls = attack_class(attack) if isinstance(attack, str) else attack
+    return getattr(cls, "required_objective", None) or objective
 
 
 def adaptive_defense_names(cfg) -> List[str]:
