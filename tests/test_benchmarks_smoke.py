@@ -22,6 +22,7 @@ MODULES = [
     "bench_scale",
     "bench_fast_paths",
     "bench_attack_strength",
+    "bench_corruptions",
     "run_all",
 ]
 
@@ -213,3 +214,18 @@ def test_attack_strength_goals(bench):
     assert out["8"]["sea_fast_within_1_PQ_at_25pct"] and out["8"]["sea_fast_pass_ratio"] == 0.25
     assert not out["16"]["sea_2_below_best_fixed"]  # 1.5 below only
     assert not out["16"]["sea_fast_within_1_PQ_at_25pct"]  # 101 of 400 passes
+
+
+def test_corruption_benchmark_flags_and_projects(bench):
+    # Two corruptions at 1 s, one at 25 s (25x the median): flagged with its documented reason;
+    # an undocumented slow one says so. Projection: every cell's seconds x the 500 val images.
+    bc = bench["bench_corruptions"]
+    times = {"fog": {1: 1.0, 2: 1.0}, "zoom_blur": {1: 20.0, 2: 30.0}, "contrast": {1: 1.0, 2: 1.0}}
+    out = bc.summarise(times)
+    assert out["median_seconds"] == 1.0 and out["cells_per_image"] == 6
+    assert out["rows"]["zoom_blur"]["flagged"] and out["rows"]["zoom_blur"]["x_median"] == 25.0
+    assert out["rows"]["zoom_blur"]["reason"] == bc.SLOW_REASONS["zoom_blur"]
+    assert not out["rows"]["fog"]["flagged"] and out["rows"]["fog"]["reason"] is None
+    assert out["projected_hours"] == pytest.approx(54.0 * 500 / 3600)
+    times["pixelate"] = times.pop("zoom_blur")
+    assert bc.summarise(times)["rows"]["pixelate"]["reason"] == "undocumented"
