@@ -82,3 +82,20 @@ def test_transfer_entry_is_the_target_on_the_stored_images(synthetic_cityscapes_
     assert entry("clean", "b") == pytest.approx(own_clean, abs=1e-6)
     assert own_clean > 20.0  # a trained model: the clean score is not the floor
     assert abs(entry("a", "b") - entry("clean", "b")) > 0.5  # the stored images reached b
+
+
+def _entry(source, target, value):
+    return {"source": source, "target": target, "attack": "pgd", "eps": 4.0, "defense": "none",
+            "metric": "PQ", "PQ": value}  # fmt: skip
+
+
+@pytest.mark.parametrize("transfer,flagged", [(29.6, False), (29.4, True), (25.0, True)])
+def test_gradient_masking_flag_at_the_tolerance(transfer, flagged):
+    """The documented 0.5 PQ tolerance: a source 0.4 below the target's white-box 30.0 passes,
+    0.6 below is flagged (the worst of several sources decides)."""
+    from upsnet_robust.evaluation.transfer_report import transfer_checks
+
+    entries = [_entry("a", "a", 30.0), _entry("b", "a", transfer), _entry("c", "a", 31.0)]
+    (check,) = transfer_checks(entries)
+    assert check["passed"] is (not flagged)
+    assert ("gradient masking" in check["detail"]) is flagged
