@@ -250,8 +250,8 @@ def test_size_breakdown_against_panopticapi_per_bucket(
             total = PQStat()
             for pred in evaluator._predictions:
                 gt_ann = gt_anns[pred["image_id"]]
-                gt_ids = rgb2id(np.asarray(Image.open(
-                    os.path.join(meta.panoptic_root, gt_ann["file_name"])), dtype=np.uint32))  # fmt: skip
+                gt_png = Image.open(os.path.join(meta.panoptic_root, gt_ann["file_name"]))
+                gt_ids = rgb2id(np.asarray(gt_png, dtype=np.uint32))
                 png = Image.open(io.BytesIO(pred["png_string"]))
                 pred_ids = rgb2id(np.asarray(png, dtype=np.uint32))
                 total += _bucket_stats(

@@ -51,7 +51,8 @@ def test_builtin_cityscapes_panoptic_under_a_dotted_root(
         dicts = DatasetCatalog.get(name)
         # reference: detectron2's own loader on the undotted original
         undotted = [meta.image_root, meta.panoptic_root, meta.panoptic_json]
-        undotted = [p.replace(str(datasets / "cityscapes"), synthetic_cityscapes_root) for p in undotted]
+        copy = str(datasets / "cityscapes")
+        undotted = [p.replace(copy, synthetic_cityscapes_root) for p in undotted]
         reference = load_cityscapes_panoptic(*undotted, meta.as_dict())
         assert len(dicts) == len(reference) > 0
         for d, ref in zip(dicts, reference):

@@ -31,7 +31,8 @@ class ShiftedLabelsAdapter(ModelAdapter):
     capabilities = frozenset({DENSE_LOGITS})
 
     def dense_logits(self, images):
-        return [(im[[0, 1, 2, 0]] - 128.0) / SCALE + self.model.bias[:, None, None] for im in images]
+        bias = self.model.bias[:, None, None]
+        return [(im[[0, 1, 2, 0]] - 128.0) / SCALE + bias for im in images]
 
     def dense_targets(self, x):
         sem = x["sem_seg"]

@@ -43,7 +43,8 @@ def _direct_pq(model, mapper, dataset_name, dicts, images, tmp_path):
     with torch.no_grad():
         for d in dicts:
             mapped = mapper(d)  # the original size the prediction is resized back to
-            x = {"image": images[image_key(d)], "height": mapped["height"], "width": mapped["width"]}
+            x = {"image": images[image_key(d)], "height": mapped["height"],
+                 "width": mapped["width"]}  # fmt: skip
             evaluator.process([d], model([x]))
     return evaluator.evaluate()["panoptic_seg"]["PQ"]
 
@@ -53,8 +54,8 @@ def test_transfer_entry_is_the_target_on_the_stored_images(synthetic_cityscapes_
     names = synthetic_cityscapes_names
     common = ["DATASETS.TEST", f"('{names['val']}',)", *OPTS]
     cfg_a = get_upsnet_cfg()
-    merge_with_hints(cfg_a, os.path.join(REPO_ROOT, "configs", "Synthetic", "panoptic_fpn_tiny.yaml"),
-                     ["MODEL.WEIGHTS", FPN, *common])  # fmt: skip
+    fpn_config = os.path.join(REPO_ROOT, "configs", "Synthetic", "panoptic_fpn_tiny.yaml")
+    merge_with_hints(cfg_a, fpn_config, ["MODEL.WEIGHTS", FPN, *common])
     cfg_b = tiny_cfg("MODEL.WEIGHTS", UPSNET, *common)
     cfg_a.freeze(), cfg_b.freeze()
     model_b = _model(cfg_b)
@@ -75,7 +76,8 @@ def test_transfer_entry_is_the_target_on_the_stored_images(synthetic_cityscapes_
     }
     clean = {image_key(d): b.mapper(d)["image"] for d in dicts}
     assert all(stored[k].shape == clean[k].shape for k in clean)
-    assert max(float((stored[k] - clean[k].float()).abs().max()) for k in clean) == pytest.approx(8.0)
+    moved = max(float((stored[k] - clean[k].float()).abs().max()) for k in clean)
+    assert moved == pytest.approx(8.0)
     transferred = _direct_pq(model_b, b.mapper, names["val"], dicts, stored, tmp_path / "e1")
     own_clean = _direct_pq(model_b, b.mapper, names["val"], dicts, clean, tmp_path / "e2")
     assert entry("a", "b") == pytest.approx(transferred, abs=1e-6)

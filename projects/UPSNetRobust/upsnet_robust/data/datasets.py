@@ -9,9 +9,10 @@ Missing files are reported, when the data set is first loaded, by a :class:`File
 that names the path and the command creating it. The semantic and instance splits are in
 :mod:`.cityscapes_splits`, the default registration in :mod:`.builtin`.
 
-detectron2's builtin ``cityscapes_fine_panoptic_{train,val}`` keep detectron2's paths and metadata;
-only their loader is replaced by the same checked one (:func:`use_checked_builtin_cityscapes_panoptic`),
-so a ``DETECTRON2_DATASETS`` with a "." in its path (``/data/city.scapes``) loads too.
+detectron2's builtin ``cityscapes_fine_panoptic_{train,val}`` keep detectron2's paths and
+metadata; only their loader is replaced by the same checked one
+(:func:`use_checked_builtin_cityscapes_panoptic`), so a ``DETECTRON2_DATASETS`` with a "." in its
+path (``/data/city.scapes``) loads too.
 """
 
 import copy
