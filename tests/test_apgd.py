@@ -544,3 +544,28 @@ def test_apgd_keep_accuracy_needs_a_dense_objective():
         APGD(8.0, num_steps=2, keep="accuracy").perturb(x, lambda v: v.flatten(1).sum(1))
     with pytest.raises(ValueError, match="keep must be one of"):
         APGD(8.0, keep="pq")
+
+
+@pytest.mark.parametrize("rho,momentum", [(0.5, 0.9), (0.9, 1.0)])
+def test_non_default_rho_and_momentum_from_the_config_match_the_reference(rho, momentum):
+    """ROBUSTNESS.APGD_RHO / APGD_MOMENTUM off their defaults (0.75) reach the iterates: the
+    attack built from the config follows the float64 reference run with those values, which on
+    this case differs from the reference with the defaults."""
+    from detectron2.config import get_cfg
+
+    from upsnet_robust.config import add_robustness_config
+
+    cfg = get_cfg()
+    add_robustness_config(cfg)
+    cfg.ROBUSTNESS.merge_from_list(["NUM_STEPS", 20, "APGD_RHO", rho, "APGD_MOMENTUM", momentum])
+    x, y = make_batch(seed=1)
+    spy = Spy(ToyObjective(y))
+    adv = build_attack(cfg, "apgd", 3.0).perturb(x, spy)
+    for i in range(x.shape[0]):
+        f = ref_value_grad(y[i].numpy())
+        best, _, evaluated, _, _ = ref_apgd(x[i].numpy(), f, 3.0, 20, rho=rho, alpha=momentum)
+        got = np.stack([p[i].numpy() for p in spy.points])
+        np.testing.assert_allclose(got, np.stack(evaluated), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(adv[i].numpy(), best, rtol=0, atol=1e-9)
+        default = np.stack(ref_apgd(x[i].numpy(), f, 3.0, 20)[2])
+        assert np.abs(default - got).max() > 1e-3  # the settings change the run

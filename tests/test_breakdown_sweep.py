@@ -157,3 +157,112 @@ def test_semantic_cells_carry_per_class_iou(sem_names, tmp_path):
         assert (got is None) == (ref is None), name
         if ref is not None:
             assert got == pytest.approx(ref, abs=1e-6), name
+
+
+# COCO's small / medium thresholds (32² and 96² px) relative to a 640x480 image, as documented
+_SMALL, _MEDIUM = 32 * 32 / (640 * 480), 96 * 96 / (640 * 480)
+
+
+def _bucket(area, image_area):
+    fraction = area / image_area
+    return "small" if fraction < _SMALL else "medium" if fraction < _MEDIUM else "large"
+
+
+def _write_png(folder, name, ids):
+    from panopticapi.utils import id2rgb
+
+    Image.fromarray(id2rgb(ids)).save(os.path.join(folder, name))
+
+
+def _bucket_stats(gt_ann, gt_ids, pred_ann, pred_ids, bucket, categories, folder):
+    """panopticapi's PQStat of one image restricted to ``bucket``, from two runs of
+    pq_compute_single_core: TP, IoU and FN count in the bucket of the ground-truth segment, so
+    run 1 turns the ground truth of other buckets into a crowd region of its category (neither
+    matched nor a FN); FP counts in the bucket of the predicted segment, so run 2 voids the
+    predictions of other buckets (a prediction's match, hence being a FP, depends only on its own
+    pixels, the ground truth and void)."""
+    from panopticapi.evaluation import pq_compute_single_core
+
+    area = float(gt_ids.size)
+    bucket_ids = gt_ids.copy()
+    segments, crowd = [], {}
+    for s in gt_ann["segments_info"]:
+        if s.get("iscrowd", 0) or _bucket(s["area"], area) != bucket:
+            c = s["category_id"]
+            crowd.setdefault(c, dict(s, iscrowd=1, area=0))
+            bucket_ids[gt_ids == s["id"]] = crowd[c]["id"]
+            crowd[c]["area"] += s["area"]
+        else:
+            segments.append(s)
+    kept, voided = [], pred_ids.copy()
+    for s in pred_ann["segments_info"]:
+        if _bucket(int((pred_ids == s["id"]).sum()), area) == bucket:
+            kept.append(s)
+        else:
+            voided[pred_ids == s["id"]] = 0
+    for file_name, ids in (("gt.png", gt_ids), ("gt_bucket.png", bucket_ids),
+                           ("pred.png", pred_ids), ("pred_bucket.png", voided)):
+        _write_png(folder, file_name, ids)
+    run1 = pq_compute_single_core(
+        0, [(dict(gt_ann, file_name="gt_bucket.png", segments_info=segments + list(crowd.values())),
+             dict(pred_ann, file_name="pred.png"))], folder, folder, categories,
+    )  # fmt: skip
+    run2 = pq_compute_single_core(
+        0, [(dict(gt_ann, file_name="gt.png"),
+             dict(pred_ann, file_name="pred_bucket.png", segments_info=kept))],
+        folder, folder, categories,
+    )  # fmt: skip
+    for c in categories:
+        run1.pq_per_cat[c].fp = run2.pq_per_cat[c].fp
+    return run1
+
+
+def test_size_breakdown_against_panopticapi_per_bucket(
+    panoptic_sweep, synthetic_cityscapes_names, tmp_path
+):
+    """Each size bucket's PQ, SQ, RQ and n against panopticapi's pq_compute_single_core on the
+    segments of that bucket, from the pass's cached predictions (not the stored sums)."""
+    import io
+    import json
+
+    from detectron2.evaluation import COCOPanopticEvaluator
+    from panopticapi.evaluation import PQStat
+    from panopticapi.utils import rgb2id
+
+    from upsnet_robust.evaluation.image_cache import ImageCache
+
+    out, cells = panoptic_sweep
+    name = synthetic_cityscapes_names["val"]
+    meta = MetadataCatalog.get(name)
+    with open(meta.panoptic_json) as f:
+        gt_json = json.load(f)
+    categories = {c["id"]: c for c in gt_json["categories"]}
+    gt_anns = {a["image_id"]: a for a in gt_json["annotations"]}
+    dicts = DatasetCatalog.get(name)[:2]
+    seen = set()
+    for cell in cells:
+        evaluator = COCOPanopticEvaluator(name, str(tmp_path / "eval"))
+        evaluator.reset()
+        cache = ImageCache(_pass_dir(out, cell), ("panoptic_seg",))
+        for d in dicts:
+            evaluator.process([d], [cache.load(d)["outputs"]["none"]])
+        for bucket in ("small", "medium", "large"):
+            total = PQStat()
+            for pred in evaluator._predictions:
+                gt_ann = gt_anns[pred["image_id"]]
+                gt_png = Image.open(os.path.join(meta.panoptic_root, gt_ann["file_name"]))
+                gt_ids = rgb2id(np.asarray(gt_png, dtype=np.uint32))
+                png = Image.open(io.BytesIO(pred["png_string"]))
+                pred_ids = rgb2id(np.asarray(png, dtype=np.uint32))
+                total += _bucket_stats(
+                    gt_ann, gt_ids, pred, pred_ids, bucket, categories, str(tmp_path)
+                )
+            expected, _ = total.pq_average(categories, isthing=None)
+            got = cell["breakdown"]["size"][bucket]
+            assert got["n"] == expected["n"], (cell["attack"], bucket)
+            if expected["n"]:
+                seen.add(bucket)
+                for key in ("pq", "sq", "rq"):
+                    value = 100 * expected[key]
+                    assert got[key.upper()] == pytest.approx(value, abs=1e-9), (bucket, key)
+    assert len(seen) >= 2  # the buckets really split the segments

@@ -41,3 +41,24 @@ def test_r50_config_matches_the_paper_setting():
 def test_unknown_key_error_names_source_and_suggests():
     with pytest.raises(KeyError, match=r"command-line opts.*MODEL\.UPSNET\.STUFF_AREA_LIMIT"):
         tiny_cfg("MODEL.UPSNET.STUFF_AREA_LIMT", "1")
+
+
+@pytest.mark.parametrize("flags", [["--num-gpus", "2"], ["--eval-only"]])
+def test_a_flag_after_the_key_value_pairs_is_named_as_such(flags):
+    """``tools/attack_net.py --config-file X.yaml ROBUSTNESS.MAX_IMAGES 4 --num-gpus 2``: argparse
+    puts the flag among the opts; the error says flags go before the pairs."""
+    from detectron2.engine import default_argument_parser
+
+    from upsnet_robust.engine import setup_cfg
+
+    tiny = os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny.yaml")
+    args = default_argument_parser().parse_args(
+        ["--config-file", tiny, "ROBUSTNESS.MAX_IMAGES", "4", *flags]
+    )
+    assert args.opts[-len(flags):] == flags  # where argparse leaves it
+    with pytest.raises(ValueError, match=f"'{flags[0]}' is a command-line flag written after the "
+                                         "KEY VALUE pairs .*flags go before the pairs"):
+        setup_cfg(args)
+    cfg = get_upsnet_cfg()  # a negative value is a value, not a flag
+    merge_with_hints(cfg, tiny, ["ROBUSTNESS.STEP_SIZE", "-1.0"])
+    assert cfg.ROBUSTNESS.STEP_SIZE == -1.0

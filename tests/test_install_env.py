@@ -26,15 +26,19 @@ def test_too_little_disk_space_stops_before_creating_the_environment(tmp_path):
 
 
 def _fake_venv(tmp_path, pip_exit):
-    """A venv whose python has torch and whose pip fails like a full disk does."""
+    """A venv whose python has torch, records each call's arguments (one line per call, in
+    ``calls.log`` beside it) and whose pip exits with ``pip_exit`` (1: as on a full disk)."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     python = venv / "bin" / "python"
     python.write_text(
         "#!/usr/bin/env bash\n"
+        f'echo "$*" >> "{venv / "calls.log"}"\n'
         'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then\n'
         '  echo "WARNING: Location noise"\n'
-        '  echo "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device" >&2\n'
+        f'  if [ {pip_exit} -ne 0 ]; then\n'
+        '    echo "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device" >&2\n'
+        "  fi\n"
         f"  exit {pip_exit}\n"
         "fi\n"
         "exit 0\n"
@@ -43,38 +47,44 @@ def _fake_venv(tmp_path, pip_exit):
     return venv
 
 
+def _calls(venv):
+    return (venv / "calls.log").read_text().splitlines()
+
+
 def test_pip_failure_stops_the_install_with_pips_message(tmp_path):
     # torch "imports", so the disk check is skipped even with an impossible need.
-    result = _run(_fake_venv(tmp_path, pip_exit=1), INSTALL_NEED_GIB="1000000")
+    venv = _fake_venv(tmp_path, pip_exit=1)
+    result = _run(venv, INSTALL_NEED_GIB="1000000")
     assert result.returncode == 1
     out = result.stdout + result.stderr
     assert "No space left on device" in out
-    assert "'pip install -q" not in out and "'pip install --upgrade pip' failed (exit 1)" in out
+    assert "error: 'pip install --upgrade pip' failed (exit 1)" in result.stderr
     assert "WARNING: Location" not in out
-    # It stopped at the first failing pip call: the lock file was never attempted.
-    assert "requirements/lock.txt" not in out
+    # It stopped at the first failing pip call: the lock file was never installed.
+    pip_calls = [c for c in _calls(venv) if c.startswith("-m pip")]
+    assert pip_calls == ["-m pip install -q --upgrade pip"]
 
 
 def test_successful_pip_calls_run_to_the_end(tmp_path):
-    result = _run(_fake_venv(tmp_path, pip_exit=0))
+    venv = _fake_venv(tmp_path, pip_exit=0)
+    result = _run(venv)
     # pip "succeeds" (its filtered warning is not an error), so the script finishes cleanly.
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "error:" not in result.stderr
+    assert "error:" not in result.stderr and "WARNING: Location" not in result.stdout
+    # the pinned stack from the lock file, then the packages whose declared dependencies must
+    # not be installed (imagecorruptions-imaug's opencv-python would sit next to the headless
+    # cv2), then the project without touching its dependencies, then the import check
+    pip_calls = [c for c in _calls(venv) if c.startswith("-m pip")]
+    assert pip_calls == [
+        "-m pip install -q --upgrade pip",
+        "-m pip install -q -r requirements/lock.txt",
+        "-m pip install -q --no-deps -r requirements/no-deps.txt",
+        "-m pip install -q --no-deps -e .",
+    ]
+    assert _calls(venv)[-1].startswith("-c import detectron2, torch, upsnet_robust")
 
 
-def test_corruption_package_goes_in_without_its_declared_opencv(tmp_path):
-    # The fake python logs each pip call: the no-deps file must come after the lock file and
-    # with --no-deps, or imagecorruptions-imaug's `opencv-python` would sit next to the headless cv2.
-    venv = _fake_venv(tmp_path, pip_exit=0)
-    python = venv / "bin" / "python"
-    log = tmp_path / "pip_calls"
-    python.write_text(python.read_text().replace("then\n", f'then\n  echo "$*" >> {log}\n', 1))
-    result = _run(venv)
-    assert result.returncode == 0, result.stdout + result.stderr
-    calls = log.read_text().splitlines()
-    lock = next(i for i, c in enumerate(calls) if "requirements/lock.txt" in c)
-    nodeps = next(i for i, c in enumerate(calls) if "requirements/no-deps.txt" in c)
-    assert lock < nodeps and "--no-deps" in calls[nodeps].split()
+def test_corruption_package_is_pinned_without_its_declared_opencv():
     pinned = (REPO / "requirements" / "no-deps.txt").read_text()
     assert "imagecorruptions-imaug==" in pinned
     lock_text = (REPO / "requirements" / "lock.txt").read_text()

@@ -152,3 +152,13 @@ def test_instance_kept_when_semantic_majority_is_weak_stuff():
     sem = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 2], [4, 4, 4, 0], [1, 2, 2, 0]])  # stuff 0: 5/16
     ids, segs = panoptic_segments(pan, sem, torch.tensor([1]), torch.tensor([0.7]), NUM_STUFF, 0, 0.5)
     assert [(s["category_id"], s["isthing"]) for s in segs] == [(NUM_STUFF + 1, True)]
+
+
+def test_instance_relabelled_when_stuff_holds_exactly_the_fraction():
+    """UPSNet's rule is "at least relabel_fraction": 8 of 16 pixels of stuff 0 at 0.5 relabel."""
+    pan = torch.full((4, 4), 3)
+    sem = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [2, 2, 2, 2]])
+    classes, scores = torch.tensor([1]), torch.tensor([0.7])
+    ids, segs = panoptic_segments(pan, sem, classes, scores, NUM_STUFF, 0, 0.5)
+    assert [(s["category_id"], s["isthing"], s["area"]) for s in segs] == [(0, False, 16)]
+    assert bool((ids == segs[0]["id"]).all())

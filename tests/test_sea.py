@@ -78,7 +78,9 @@ def test_per_image_minimum_is_not_the_data_set_minimum():
     assert sel.score == pytest.approx(optimum, abs=1e-9)
 
 
-@pytest.mark.parametrize("seed", range(6))
+# Greedy selection is a local search, yet on these seeded cases it reaches the brute-force optimum
+# exactly; seeds 8 and 9 (panoptic) and 9 (semantic) need two switching passes to get there.
+@pytest.mark.parametrize("seed", range(12))
 def test_greedy_panoptic_vs_brute_force(seed):
     rng = np.random.default_rng(seed)
     ids = ["img0", "img1", "img2", "img3"]
@@ -92,7 +94,8 @@ def test_greedy_panoptic_vs_brute_force(seed):
     assert sel.start == int(np.argmin(own))
     assert sel.score <= min(own) + 1e-9  # never above any member
     optimum = _brute_force(members, _pq)
-    assert optimum - 1e-9 <= sel.score <= optimum + 2.0  # greedy: at or near the optimum
+    assert sel.score == pytest.approx(optimum, abs=1e-9)  # float rounding only
+    assert sel.passes >= 2  # the last pass switched nothing (it confirms the local optimum)
 
 
 def _reference_miou(conf):
@@ -113,7 +116,7 @@ def _random_confusion(rng, k=4, pixels=60):
     return sparse_confusion(conf)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_greedy_semantic_vs_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
     ids = ["0", "1", "2", "3"]
@@ -127,7 +130,34 @@ def test_greedy_semantic_vs_brute_force(seed):
     assert sel.score == pytest.approx(miou(chosen), abs=1e-9)
     assert sel.score <= min(miou(list(m.values())) for m in members) + 1e-9
     optimum = _brute_force(members, miou)
-    assert optimum - 1e-9 <= sel.score <= optimum + 2.0
+    assert sel.score == pytest.approx(optimum, abs=1e-9)  # float rounding only
+
+
+def test_greedy_needs_a_second_switching_pass():
+    """One category, three images, two members (rows [iou, tp, fp, fn]). Member 0 alone: IoU
+    1.1 over 2 TP + 0.5 FP + 0.5 FN, PQ 36.67 (member 1: 45.71), so every image starts at 0.
+    Pass 1: switching "a" gives 52.5 and "b" 40 (no), "c" 27.5 (switched). Pass 2: now "b"
+    gives 24.0 (switched); pass 3 switches nothing. Brute force: 24.0 is the optimum, which a
+    search that stops after its first switching pass (27.5) misses."""
+    members = [
+        {"a": _stats({1: [0.0, 0, 0, 1]}), "b": _stats({1: [0.5, 1, 1, 0]}),
+         "c": _stats({1: [0.6, 1, 0, 0]})},
+        {"a": _stats({1: [1.0, 1, 1, 0]}), "b": _stats({1: [0.0, 0, 0, 0]}),
+         "c": _stats({1: [0.6, 1, 1, 1]})},
+    ]  # fmt: skip
+    categories = {1: {"isthing": 1}}
+
+    def pq(images):
+        value = PanopticStats.total(images).metrics(categories)["PQ"]
+        return np.inf if value is None else value
+
+    assert pq(list(members[0].values())) == pytest.approx(100 * 1.1 / 3.0)
+    optimum = _brute_force(members, pq)
+    assert optimum == pytest.approx(100 * 0.6 / 2.5)
+    sel = select_panoptic(members, categories)
+    assert sel.start == 0 and sel.assignment == {"a": 0, "b": 1, "c": 1}
+    assert sel.passes >= 3 and sel.switches == 2  # two switching passes, then a quiet one
+    assert sel.score == pytest.approx(optimum, abs=1e-9)
 
 
 def test_semantic_per_image_minimum_is_not_the_data_set_minimum():

@@ -184,3 +184,34 @@ def test_defense_transform_in_the_dataset_mapper(synthetic_cityscapes_names):
     assert np.array_equal(b["image"].permute(1, 2, 0).numpy(), expected)
     assert torch.equal(a["sem_seg"], b["sem_seg"])
     assert torch.equal(a["instances"].gt_masks.tensor, b["instances"].gt_masks.tensor)
+
+
+def test_train_eval_period_scores_attacked_pq_during_training(
+    synthetic_cityscapes_names, tmp_path, monkeypatch
+):
+    """ROBUSTNESS.TRAIN_EVAL_PERIOD 1 with 2 iterations: the periodic hook scores the attacked
+    PQ after the first iteration (and EvalHook's end-of-training call after the last), on the
+    model being trained, and puts the results in the trainer's storage."""
+    calls = []
+    original = Trainer.test_with_attack.__func__
+
+    def recording(cls, cfg, model, evaluators=None):
+        calls.append(model.training)
+        return original(cls, cfg, model, evaluators)
+
+    monkeypatch.setattr(Trainer, "test_with_attack", classmethod(recording))
+    cfg = tiny_cfg(
+        "DATASETS.TRAIN", f"('{synthetic_cityscapes_names['train']}',)",
+        "DATASETS.TEST", f"('{synthetic_cityscapes_names['val']}',)",
+        "OUTPUT_DIR", str(tmp_path), *TRAIN_OPTS,
+        "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0",
+        "ROBUSTNESS.TRAIN_EVAL_PERIOD", "1",
+        "ROBUSTNESS.ATTACKS", "['fgsm']", "ROBUSTNESS.EPSILONS", "[2.0]",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert len(calls) == 2
+    history = trainer.storage.history("panoptic_seg_fgsm_eps2/PQ")
+    assert [it for _, it in history.values()][0] == 0  # periodic, after the first iteration
+    assert all(0 <= v <= 100 for v, _ in history.values())

@@ -69,7 +69,7 @@ def test_diagonal_equals_white_box_and_resume(synthetic_cityscapes_names, two_we
         assert len(diag) == 1, cell
         for metric in ("PQ", "SQ", "RQ"):
             assert diag[0][metric] == pytest.approx(cell[metric], abs=1e-9), (cell["attack"], cell["defense"])
-    # the images really transfer: b scored on a's images differs from b's clean score
+    # the stored images are float (the values they give on a target: test_transfer_values.py)
     folder = os.path.join(str(tmp_path / "transfer"), "adversarial")
     stored = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.endswith(".pt")]
     assert len(stored) == 2 * 2  # 2 sources x 2 images

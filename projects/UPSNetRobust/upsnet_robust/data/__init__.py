@@ -27,6 +27,7 @@ from .datasets import (
     register_or_replace,
     register_synthetic_cityscapes_panoptic,
     synthetic_cityscapes_prepare_command,
+    use_checked_builtin_cityscapes_panoptic,
 )
 from .panoptic_mapper import PANOPTIC_MAPPERS, UPSNetPanopticDatasetMapper, build_panoptic_mapper
 from .synthetic_cityscapes import (
@@ -60,6 +61,7 @@ __all__ = [
     "register_or_replace",
     "register_synthetic_cityscapes_panoptic",
     "synthetic_cityscapes_prepare_command",
+    "use_checked_builtin_cityscapes_panoptic",
     "PANOPTIC_MAPPERS",
     "UPSNetPanopticDatasetMapper",
     "build_panoptic_mapper",

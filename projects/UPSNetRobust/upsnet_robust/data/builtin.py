@@ -8,7 +8,8 @@ Importing this module registers, for the root ``$DETECTRON2_DATASETS/synthetic_c
 * ``synthetic_cityscapes_fine_sem_seg_{train,val}`` (evaluator_type "sem_seg"),
 * ``synthetic_cityscapes_fine_instance_seg_{train,val}`` (evaluator_type "coco"),
 
-named like detectron2's builtin ``cityscapes_fine_{panoptic,sem_seg,instance_seg}_*``.
+named like detectron2's builtin ``cityscapes_fine_{panoptic,sem_seg,instance_seg}_*``. Those
+builtin panoptic splits get the checked loader (:func:`.use_checked_builtin_cityscapes_panoptic`).
 """
 
 import os
@@ -18,7 +19,11 @@ from .cityscapes_splits import (
     register_synthetic_cityscapes_instance,
     register_synthetic_cityscapes_semantic,
 )
-from .datasets import SYNTHETIC_CITYSCAPES_DIRNAME, register_synthetic_cityscapes_panoptic
+from .datasets import (
+    SYNTHETIC_CITYSCAPES_DIRNAME,
+    register_synthetic_cityscapes_panoptic,
+    use_checked_builtin_cityscapes_panoptic,
+)
 
 __all__ = ["register_all_synthetic_cityscapes", "default_synthetic_cityscapes_root"]
 
@@ -50,3 +55,4 @@ def register_all_synthetic_cityscapes(
 
 
 register_all_synthetic_cityscapes(default_synthetic_cityscapes_root())
+use_checked_builtin_cityscapes_panoptic()

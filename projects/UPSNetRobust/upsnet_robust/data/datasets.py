@@ -9,7 +9,10 @@ Missing files are reported, when the data set is first loaded, by a :class:`File
 that names the path and the command creating it. The semantic and instance splits are in
 :mod:`.cityscapes_splits`, the default registration in :mod:`.builtin`.
 
-detectron2's builtin ``cityscapes_fine_panoptic_{train,val}`` stay as detectron2 registers them.
+detectron2's builtin ``cityscapes_fine_panoptic_{train,val}`` keep detectron2's paths and
+metadata; only their loader is replaced by the same checked one
+(:func:`use_checked_builtin_cityscapes_panoptic`), so a ``DETECTRON2_DATASETS`` with a "." in its
+path (``/data/city.scapes``) loads too.
 """
 
 import copy
@@ -34,6 +37,7 @@ __all__ = [
     "register_or_replace",
     "register_synthetic_cityscapes_panoptic",
     "synthetic_cityscapes_prepare_command",
+    "use_checked_builtin_cityscapes_panoptic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -262,3 +266,34 @@ def register_synthetic_cityscapes_panoptic(
         )
         names.append(name)
     return names
+
+
+BUILTIN_CITYSCAPES_PANOPTIC = ("cityscapes_fine_panoptic_train", "cityscapes_fine_panoptic_val")
+
+
+def use_checked_builtin_cityscapes_panoptic(names=BUILTIN_CITYSCAPES_PANOPTIC) -> List[str]:
+    """Load detectron2's builtin Cityscapes panoptic splits with
+    :func:`load_cityscapes_panoptic_checked`, on the paths detectron2 registered in their metadata
+    (``image_root``, ``panoptic_root``, ``panoptic_json`` under ``$DETECTRON2_DATASETS``): the
+    same dicts, but a root with a "." in its path loads, and a missing file is named. Names not
+    registered, or without those paths, are left alone.
+
+    Returns:
+        list[str]: the names whose loader was replaced.
+    """
+    replaced = []
+    for name in names:
+        if name not in DatasetCatalog.list():
+            continue
+        meta = MetadataCatalog.get(name)
+        paths = [meta.get(k, None) for k in ("image_root", "panoptic_root", "panoptic_json")]
+        if None in paths:
+            continue
+
+        def load(name=name, paths=paths):
+            return load_cityscapes_panoptic_checked(*paths, MetadataCatalog.get(name).as_dict())
+
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, load)
+        replaced.append(name)
+    return replaced

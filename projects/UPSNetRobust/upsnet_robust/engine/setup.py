@@ -33,9 +33,23 @@ def _known_keys(cfg: CfgNode, prefix: str = ""):
             yield name
 
 
+def _check_flags_before_pairs(opts) -> None:
+    """A flag after the ``KEY VALUE`` pairs (``... KEY VALUE --num-gpus 2``) lands in the opts
+    (argparse's REMAINDER takes everything after the first pair): say so, not "Non-existent key"."""
+    opts = list(opts or [])
+    for i in range(0, len(opts), 2):
+        if str(opts[i]).startswith("-"):
+            raise ValueError(
+                f"{opts[i]!r} is a command-line flag written after the KEY VALUE pairs "
+                f"({' '.join(map(str, opts[:i])) or 'none'}); flags go before the pairs, e.g. "
+                f"--config-file X.yaml {' '.join(map(str, opts[i:i + 2]))} KEY VALUE ..."
+            )
+
+
 def merge_with_hints(cfg: CfgNode, config_file: str = None, opts=None) -> CfgNode:
     """``merge_from_file`` / ``merge_from_list`` whose unknown-key errors name the source and
-    suggest the closest known keys."""
+    suggest the closest known keys; a flag among the ``KEY VALUE`` pairs is named as such."""
+    _check_flags_before_pairs(opts)
     for source, merge in (
         (config_file, lambda: cfg.merge_from_file(config_file)),
         ("command-line opts", lambda: cfg.merge_from_list(list(opts or []))),
