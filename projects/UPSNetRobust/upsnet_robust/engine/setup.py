@@ -8,6 +8,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_robustness_config, add_upsnet_config
+from ..modeling.transformers_segmentor import add_transformers_config
 
 __all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
 
@@ -20,6 +21,7 @@ def get_upsnet_cfg() -> CfgNode:
     cfg = get_cfg()
     add_panoptic_deeplab_config(cfg)  # adds DeepLab's keys too
     add_upsnet_config(cfg)
+    add_transformers_config(cfg)  # MODEL.TRANSFORMERS (TransformersSegmentor)
     add_robustness_config(cfg)
     return cfg
 
