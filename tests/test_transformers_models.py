@@ -330,6 +330,14 @@ def test_hub_ids_and_downloading_backbones_are_refused(names, tmp_path, monkeypa
     with pytest.raises(ValueError, match="timm backbone"):
         build_model(make_cfg("upernet", names, tmp_path, config=timm))
 
+    named = write_config("upernet", tmp_path)
+    with open(named) as f:
+        saved = json.load(f)
+    with open(named, "w") as f:  # the backbone by hub id only: building would fetch its config
+        json.dump(dict(saved, backbone_config=None, backbone="microsoft/resnet-18"), f)
+    with pytest.raises(ValueError, match="hub id.*without a backbone_config"):
+        build_model(make_cfg("upernet", names, tmp_path, config=named))
+
     def no_network(*args, **kwargs):
         raise AssertionError("network access")
 
