@@ -287,6 +287,22 @@ def test_save_pretrained_directory_loads_through_model_weights(kind, names, tmp_
         build_checkpointer(cfg_dir, torch.nn.Linear(2, 2)).load(folder)
 
 
+def test_cache_fingerprint_follows_directory_and_config_contents(names, tmp_path):
+    from upsnet_robust.evaluation.sweep import fingerprint
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"one")
+    cfg = make_cfg("segformer", names, tmp_path, "MODEL.WEIGHTS", str(folder))
+    before = fingerprint(cfg, str(folder))
+    (folder / "model.safetensors").write_bytes(b"two")
+    changed_weights = fingerprint(cfg, str(folder))
+    with open(cfg.MODEL.TRANSFORMERS.CONFIG, "a") as f:
+        f.write("\n")
+    changed_config = fingerprint(cfg, str(folder))
+    assert len({before, changed_weights, changed_config}) == 3
+
+
 def test_detectron2_checkpoint_round_trips(names, tmp_path):
     cfg = make_cfg("mask2former", names, tmp_path)
     model = make_model(cfg, seed=0)
