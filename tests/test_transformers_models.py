@@ -256,6 +256,20 @@ def test_trainer_runs_adamw_steps(names, tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("kind", ["mask2former", "segformer"])
+def test_trainer_evaluators_follow_the_configured_task(kind, names, tmp_path):
+    from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
+
+    cfg = make_cfg(kind, names, tmp_path)
+    evaluators = Trainer.build_evaluator(cfg, cfg.DATASETS.TEST[0])._evaluators
+    kinds = [type(e) for e in evaluators]
+    if kind == "mask2former":  # PQ, and mIoU of its sem_seg (the data set's classes)
+        assert issubclass(kinds[0], COCOPanopticEvaluator) and len(kinds) == 2
+        assert issubclass(kinds[1], SemSegEvaluator)
+    else:
+        assert len(kinds) == 1 and issubclass(kinds[0], SemSegEvaluator)
+
+
 # ------------------------------------------------------------------ weights
 def _outputs(model, x):
     with torch.no_grad():
