@@ -256,6 +256,30 @@ def test_trainer_runs_adamw_steps(names, tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
 
 
+def test_instance_task_outputs_instances_and_losses(synthetic_cityscapes_root, names, tmp_path):
+    from detectron2.structures import Instances
+
+    from upsnet_robust.data import register_synthetic_cityscapes_instance
+
+    inst = register_synthetic_cityscapes_instance(synthetic_cityscapes_root, "pytest_tf_instance")
+    path = write_config("mask2former", tmp_path, num_labels=8)  # the thing classes
+    cfg = make_cfg("mask2former", names, tmp_path, "MODEL.TRANSFORMERS.TASK", "instance",
+                   "DATASETS.TRAIN", f"('{inst[0]}',)", "DATASETS.TEST", f"('{inst[1]}',)",
+                   "TEST.DETECTIONS_PER_IMAGE", "5", config=path)  # fmt: skip
+    adapter = build_adapter(cfg, make_model(cfg))
+    assert adapter.task == "instances" and not adapter.has("dense_logits")
+    x = val_inputs(cfg)[0]
+    assert len(x["instances"]) > 0 and x["instances"].gt_masks.tensor.dtype == torch.bool
+    out = adapter.inference([x])[0]
+    assert set(out) == {"sem_seg", "instances"}
+    pred = out["instances"]
+    assert isinstance(pred, Instances) and len(pred) == 5
+    assert pred.pred_masks.shape[-2:] == (x["height"], x["width"])
+    assert ((pred.pred_classes >= 0) & (pred.pred_classes < 8)).all()
+    (losses,) = adapter.losses([x], [0])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.parametrize("kind", ["mask2former", "segformer"])
 def test_trainer_evaluators_follow_the_configured_task(kind, names, tmp_path):
     from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
@@ -421,7 +445,8 @@ def test_sweep_every_attack_family_and_sea(kind, names, tmp_path):
     metric = "PQ" if kind in PANOPTIC else "mIoU"
     for objective, attacks in SWEEPS:
         _, cells, seen = _sweep(kind, names, tmp_path / objective, objective, attacks,
-                                "ROBUSTNESS.DEFENSES", "['none']", "ROBUSTNESS.NUM_EXAMPLES", "2")  # fmt: skip
+                                "ROBUSTNESS.DEFENSES", "['none']",
+                                "ROBUSTNESS.NUM_EXAMPLES", "2")  # fmt: skip
         ran = {c["attack"] for c in cells if not c.get("member_of")}
         assert ran == {"clean", *attacks}
         for c in cells:
@@ -442,7 +467,8 @@ def test_segment_objective_adaptive_defense_and_transfer(names, tmp_path):
     eps = 2.0
     cfg, cells, seen = _sweep("mask2former", names, tmp_path / "m2f", "segment", ["pgd"],
                               "ROBUSTNESS.DEFENSES", "['none', 'median']",
-                              "ROBUSTNESS.ADAPTIVE", "True", "ROBUSTNESS.NUM_EXAMPLES", "2")  # fmt: skip
+                              "ROBUSTNESS.ADAPTIVE", "True",
+                              "ROBUSTNESS.NUM_EXAMPLES", "2")  # fmt: skip
     assert {(c["attack"], c["defense"], bool(c.get("adaptive"))) for c in cells} >= {
         ("pgd", "none", False), ("pgd", "median", True)
     }

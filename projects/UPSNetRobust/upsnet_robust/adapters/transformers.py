@@ -97,9 +97,9 @@ class TransformersAdapter(ModelAdapter):
     @classmethod
     def _mapper(cls, cfg, is_train: bool):
         from detectron2.data import DatasetMapper, MetadataCatalog
+        from detectron2.data import detection_utils as utils
 
         from ..data import build_panoptic_mapper
-        from .rcnn import build_instance_test_mapper
 
         task = cfg.MODEL.TRANSFORMERS.TASK
         names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
@@ -109,10 +109,15 @@ class TransformersAdapter(ModelAdapter):
         )
         if task == "panoptic" or (task == "semantic" and panoptic_data):
             return build_panoptic_mapper(cfg, is_train=is_train)
-        if task == "instance":
-            if is_train:
-                return DatasetMapper(cfg, True, use_instance_mask=True, instance_mask_format="bitmask")
-            return build_instance_test_mapper(cfg)
+        if task == "instance":  # masks as bitmasks (the targets), annotations kept at test time
+            return DatasetMapper(
+                cfg,
+                True,
+                augmentations=utils.build_augmentation(cfg, is_train),
+                use_instance_mask=True,
+                instance_mask_format="bitmask",
+                recompute_boxes=False,
+            )
         return None  # detectron2's DatasetMapper: it reads sem_seg_file_name
 
     @classmethod

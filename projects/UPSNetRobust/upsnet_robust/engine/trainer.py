@@ -103,7 +103,10 @@ class Trainer(DefaultTrainer):
         as Mask2Former are trained) with the same parameter groups and gradient clipping."""
         if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
             return super().build_optimizer(cfg, model)
-        from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+        from detectron2.solver.build import (
+            get_default_optimizer_params,
+            maybe_add_gradient_clipping,
+        )
 
         params = get_default_optimizer_params(
             model,
@@ -112,7 +115,9 @@ class Trainer(DefaultTrainer):
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
         return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod

@@ -158,9 +158,8 @@ def panoptic_inference(
         if not isthing:
             stuff_segment[cls] = segment_id
         panoptic[mask] = segment_id
-        segments.append(
-            {"id": segment_id, "isthing": isthing, "category_id": cls, "score": float(cur_scores[k])}
-        )
+        score = float(cur_scores[k])
+        segments.append({"id": segment_id, "isthing": isthing, "category_id": cls, "score": score})
     return panoptic, segments
 
 

@@ -332,7 +332,8 @@ class TransformersSegmentor(nn.Module):
         size = tuple(batch.tensor.shape[-2:])
         out = self.network(pixel_values=batch.tensor)
         if self.mask_classification:
-            masks = F.interpolate(out.masks_queries_logits, size, mode="bilinear", align_corners=False)
+            masks = out.masks_queries_logits
+            masks = F.interpolate(masks, size, mode="bilinear", align_corners=False)
             return out.class_queries_logits, masks
         return None, F.interpolate(out.logits, size, mode="bilinear", align_corners=False)
 
