@@ -16,3 +16,8 @@ from .rcnn import GeneralizedRCNNAdapter  # noqa: E402
 from .semantic import SemanticSegmentorAdapter  # noqa: E402
 
 __all__ += ["GeneralizedRCNNAdapter", "SemanticSegmentorAdapter"]
+
+# `transformers` models (TransformersSegmentor; transformers itself is imported lazily)
+from .transformers import TransformersAdapter  # noqa: E402
+
+__all__ += ["TransformersAdapter"]

@@ -153,6 +153,12 @@ class ModelAdapter:
         self.metadata = metadata
 
     @classmethod
+    def task_for(cls, cfg) -> str:
+        """The task a model of ``cfg`` is scored on, before the model exists (the Trainer's
+        evaluators); adapters of multi-task meta-architectures read it from the config."""
+        return cls.task
+
+    @classmethod
     def from_config(cls, cfg, model: nn.Module) -> "ModelAdapter":
         """Build from a config (its first test data set's metadata)."""
         from detectron2.data import MetadataCatalog

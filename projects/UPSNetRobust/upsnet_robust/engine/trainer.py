@@ -83,10 +83,11 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         adapter = adapter_class(cfg.MODEL.META_ARCHITECTURE)
-        evaluators = [build_task_evaluator(dataset_name, adapter.task, output_folder)]
+        task = adapter.task_for(cfg)
+        evaluators = [build_task_evaluator(dataset_name, task, output_folder)]
         meta = MetadataCatalog.get(dataset_name)
         if (
-            adapter.task == "panoptic_seg"
+            task == "panoptic_seg"
             and cfg.TEST.SEM_SEG_EVAL
             and adapter.sem_seg_in_dataset_classes
             and meta.get("evaluator_type", None) in _PANOPTIC_EVALUATOR_TYPES
@@ -95,6 +96,29 @@ class Trainer(DefaultTrainer):
                 PanopticSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
             )
         return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, or AdamW (``SOLVER.OPTIMIZER "ADAMW"``, as transformer models such
+        as Mask2Former are trained) with the same parameter groups and gradient clipping."""
+        if cfg.SOLVER.OPTIMIZER.upper() != "ADAMW":
+            return super().build_optimizer(cfg, model)
+        from detectron2.solver.build import (
+            get_default_optimizer_params,
+            maybe_add_gradient_clipping,
+        )
+
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
+        return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):

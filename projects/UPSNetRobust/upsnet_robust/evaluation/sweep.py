@@ -54,19 +54,38 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _hash_files(h, path: str) -> bool:
+    """Feed the bytes of a file, or of every file of a directory (e.g. one written by
+    `transformers`' save_pretrained) in name order, to ``h``; False if ``path`` is neither."""
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.relpath(os.path.join(root, f), path)
+            for root, _, names in os.walk(path) for f in names
+        )
+    elif os.path.isfile(path):
+        files = [""]
+    else:
+        return False
+    for name in files:
+        h.update(name.encode())
+        with open(os.path.join(path, name) if name else path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return True
+
+
 def fingerprint(cfg, weights: str) -> str:
     """Hash of what determines the model's predictions: model, input and test-data config, and
-    the checkpoint's bytes."""
+    the checkpoint's bytes (a weights directory's files; the `transformers` config file)."""
     h = hashlib.sha256()
     for node in ("MODEL", "INPUT"):
         h.update(cfg[node].dump().encode())
     h.update(repr(tuple(cfg.DATASETS.TEST)).encode())
-    if weights and os.path.isfile(weights):
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    else:
+    if not (weights and _hash_files(h, weights)):
         h.update(f"weights:{weights}".encode())
+    model_config = cfg.MODEL.get("TRANSFORMERS", {}).get("CONFIG", "")
+    if model_config:
+        _hash_files(h, model_config)
     return h.hexdigest()[:16]
 
 

@@ -6,5 +6,6 @@ from .checkpoint import UPSNetCheckpointer
 from .meta_arch import UPSNet
 from .adapter import UPSNetAdapter  # registers UPSNet's model adapter
 from .semantic_head import DeformConvWithOffset, UPSNetSemanticHead
+from .transformers_segmentor import TransformersSegmentor, add_transformers_config
 
-__all__ = ["UPSNet", "build_slim_resnet_backbone", "build_slim_resnet_fpn_backbone", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer", "UPSNetAdapter"]
+__all__ = ["UPSNet", "build_slim_resnet_backbone", "build_slim_resnet_fpn_backbone", "UPSNetSemanticHead", "DeformConvWithOffset", "UPSNetCheckpointer", "UPSNetAdapter", "TransformersSegmentor", "add_transformers_config"]

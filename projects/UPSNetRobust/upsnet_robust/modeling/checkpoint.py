@@ -141,6 +141,24 @@ class UPSNetCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.allow_unsafe = allow_unsafe
 
+    def load(self, path, *args, **kwargs):
+        """A directory (e.g. one written by `transformers`' ``save_pretrained``) is handed to
+        the model's ``load_pretrained_directory``, before fvcore asserts a file; files load as
+        in detectron2."""
+        if path and os.path.isdir(path):
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            hook = getattr(model, "load_pretrained_directory", None)
+            if hook is None:
+                raise ValueError(
+                    f"MODEL.WEIGHTS {path} is a directory; {type(model).__name__} loads "
+                    "checkpoint files only (directories written by save_pretrained are for "
+                    "MODEL.META_ARCHITECTURE TransformersSegmentor)"
+                )
+            self.logger.info("[UPSNetCheckpointer] Loading the model directory %s ...", path)
+            hook(path)
+            return {}
+        return super().load(path, *args, **kwargs)
+
     def _load_file(self, filename):
         if not self.allow_unsafe and filename.endswith((".pkl", ".pyth")):
             raise ValueError(
