@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 
 from .defenses.config import add_defense_config
 
-__all__ = ["add_upsnet_config", "add_robustness_config", "add_sea_config"]
+__all__ = ["add_adv_train_config", "add_upsnet_config", "add_robustness_config", "add_sea_config"]
 
 
 def add_upsnet_config(cfg):
@@ -147,3 +147,29 @@ def add_sea_config(cfg):
     _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:balanced_masked_ce"]
     # Iterations per "sea_fast" member (equal to NUM_STEPS, its pass is shared with "sea").
     _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 100
+
+
+def add_adv_train_config(cfg):
+    """ADV_TRAIN: adversarial training in the Trainer (engine/adversarial_training.py)."""
+    _C = cfg
+    _C.ADV_TRAIN = CN()
+    _C.ADV_TRAIN.ENABLED = False
+    # "fgsm_rs" (FGSM from a random start, step 1.25 eps), "n_fgsm" (noise 2 eps, step eps, no
+    # projection) or "pgd" (NUM_STEPS projected steps of 2.5 eps / NUM_STEPS).
+    _C.ADV_TRAIN.ATTACK = "fgsm_rs"
+    # L-inf budget on the 0-255 scale of INPUT.FORMAT, reached linearly over EPS_WARMUP_ITERS.
+    _C.ADV_TRAIN.EPS = 8.0
+    _C.ADV_TRAIN.EPS_WARMUP_ITERS = 0
+    _C.ADV_TRAIN.STEP_SIZE = 0.0  # <= 0: the attack's default (see ATTACK)
+    _C.ADV_TRAIN.NUM_STEPS = 1  # PGD-K's K (the single-step attacks ignore it)
+    _C.ADV_TRAIN.NOISE = 2.0  # N-FGSM's noise radius, in multiples of eps
+    _C.ADV_TRAIN.RATIO = 1.0  # share of each batch's images replaced by adversarial ones
+    _C.ADV_TRAIN.SEED = 0  # crafting noise: per (seed, iteration, process)
+    # Guard against catastrophic overfitting (engine/overfitting_guard.py): every PERIOD
+    # iterations (0: off) a PGD check on IMAGES fixed training images; a collapse rolls back.
+    _C.ADV_TRAIN.GUARD = CN()
+    _C.ADV_TRAIN.GUARD.PERIOD = 0
+    _C.ADV_TRAIN.GUARD.IMAGES = 2
+    _C.ADV_TRAIN.GUARD.NUM_STEPS = 10
+    _C.ADV_TRAIN.GUARD.ACC_DROP = 0.2  # robust pixel accuracy drop (fraction) that is a collapse
+    _C.ADV_TRAIN.GUARD.LOSS_RISE = 1.5  # PGD loss factor that, with a falling FGSM loss, is one

@@ -7,7 +7,7 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_robustness_config, add_upsnet_config
+from ..config import add_adv_train_config, add_robustness_config, add_upsnet_config
 
 __all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
 
@@ -21,6 +21,7 @@ def get_upsnet_cfg() -> CfgNode:
     add_panoptic_deeplab_config(cfg)  # adds DeepLab's keys too
     add_upsnet_config(cfg)
     add_robustness_config(cfg)
+    add_adv_train_config(cfg)
     return cfg
 
 
