@@ -293,3 +293,33 @@ def test_guard_rolls_back_a_constructed_collapse(synthetic_cityscapes_names, tmp
     assert guard.events[1]["robust_acc"] < first["robust_acc"] - 0.2
     assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
     assert json.load(open(tmp_path / "adv_guard.json"))[1]["decision"] == "collapse"
+
+
+def test_a_dense_objective_crafts_in_eval_mode_against_the_training_labels(tiny_model):
+    """ADV_TRAIN.OBJECTIVE semantic_ce: the attack raises the cross-entropy of the model's dense
+    logits to the batch's own sem_seg (training labels are the model's classes)."""
+    import torch.nn.functional as F
+
+    from upsnet_robust.adapters.base import adapter_class, eval_mode
+
+    batch = _batch()[:2]
+    ex = AdversarialExamples(eps=8.0, objective="semantic_ce", seed=1)
+    modes = []
+    handle = tiny_model.backbone.register_forward_pre_hook(lambda m, i: modes.append(m.training))
+    try:
+        with EventStorage():
+            out = ex(tiny_model, batch, iteration=0)
+    finally:
+        handle.remove()
+    assert modes and not any(modes) and tiny_model.training
+    adapter = adapter_class(tiny_model)(tiny_model)
+
+    def ce(images):
+        with eval_mode(tiny_model), torch.no_grad():
+            logits = adapter.dense_logits([im.float() for im in images])
+        return sum(F.cross_entropy(lg[None], d["sem_seg"][None], ignore_index=255)
+                   for lg, d in zip(logits, batch))
+
+    assert ce([d["image"] for d in out]) > ce([d["image"] for d in batch])
+    with pytest.raises(ValueError, match="ADV_TRAIN.OBJECTIVE"):
+        AdversarialExamples(objective="panoptic")

@@ -165,6 +165,8 @@ def add_adv_train_config(cfg):
     _C.ADV_TRAIN.NOISE = 2.0  # N-FGSM's noise radius, in multiples of eps
     _C.ADV_TRAIN.RATIO = 1.0  # share of each batch's images replaced by adversarial ones
     _C.ADV_TRAIN.SEED = 0  # crafting noise: per (seed, iteration, process)
+    # What the attack maximises: "train_losses" (the model's own) or a registered dense objective.
+    _C.ADV_TRAIN.OBJECTIVE = "train_losses"
     # Guard against catastrophic overfitting (engine/overfitting_guard.py): every PERIOD
     # iterations (0: off) a PGD check on IMAGES fixed training images; a collapse rolls back.
     _C.ADV_TRAIN.GUARD = CN()

@@ -12,6 +12,11 @@ Three ways to craft, all in 0-255 pixel units of ``INPUT.FORMAT`` (``ADV_TRAIN.A
   away): single-step cost without catastrophic overfitting at larger eps;
 * ``pgd`` (Madry et al., ICLR 2018): a uniform start and ``NUM_STEPS`` projected steps.
 
+The attack maximises the model's summed training losses (``ADV_TRAIN.OBJECTIVE
+"train_losses"``, one batched training forward per step) or a registered dense objective
+(``semantic_ce``, ``masked_ce``, ...) on the model's dense logits in eval mode; the training
+mapper's ``sem_seg`` already holds the classes of the model's dense logits, so it is used as is.
+
 Crafting runs the unwrapped model (no DDP gradient synchronisation; the replicas are identical)
 in training mode with every normalisation layer frozen (batch statistics neither used nor
 updated), inside its own ``EventStorage`` (the crafting forwards log nothing), and under a seed
@@ -19,6 +24,7 @@ derived from ``ADV_TRAIN.SEED``, the iteration and the process rank: runs are re
 each process draws its own noise. The model's modes are restored afterwards. Every image is
 clipped to [0, 255].
 """
+import copy
 import hashlib
 import logging
 import time
@@ -27,11 +33,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from ..adapters.base import frozen_norm_training_mode, unwrap_model
+from ..adapters.base import adapter_class, eval_mode, frozen_norm_training_mode, unwrap_model
 from ..attacks.base import PIXEL_MAX, PIXEL_MIN, objective_gradient
+from ..attacks.objectives import build_objective, objective_class
 
 __all__ = ["ADV_TRAIN_ATTACKS", "AdversarialBatches", "AdversarialExamples", "craft", "step_seed"]
 
@@ -88,6 +96,11 @@ def craft(
     return (x + delta).clamp(PIXEL_MIN, PIXEL_MAX).detach()
 
 
+def _training_labels(x: Dict) -> torch.Tensor:
+    """Dense targets of a training-mapper input: its ``sem_seg``, already in the model's classes."""
+    return x["sem_seg"]
+
+
 def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """Float (N, 3, H, W) of equally sized images, zero-padded to the largest otherwise."""
     h = max(int(im.shape[-2]) for im in images)
@@ -114,6 +127,8 @@ class AdversarialExamples:
         noise: float = 2.0,
         ratio: float = 1.0,
         seed: int = 0,
+        objective: str = "train_losses",
+        metadata=None,
     ):
         if attack not in ADV_TRAIN_ATTACKS:
             raise ValueError(
@@ -136,6 +151,14 @@ class AdversarialExamples:
         self.noise = float(noise)
         self.ratio = float(ratio)
         self.seed = int(seed)
+        objective_class(objective)  # an unknown name fails now, listing the registered ones
+        if objective != "train_losses" and not getattr(objective_class(objective), "dense", False):
+            raise ValueError(
+                f"ADV_TRAIN.OBJECTIVE {objective!r}: adversarial training maximises the training "
+                "losses ('train_losses') or a dense objective (semantic_ce, masked_ce, ...)"
+            )
+        self.objective = objective
+        self.metadata = metadata
 
     @classmethod
     def from_config(cls, cfg):
@@ -149,6 +172,8 @@ class AdversarialExamples:
             "noise": a.NOISE,
             "ratio": a.RATIO,
             "seed": a.SEED,
+            "objective": a.OBJECTIVE,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
         }
 
     def eps_at(self, iteration: int) -> float:
@@ -160,9 +185,13 @@ class AdversarialExamples:
     def num_adversarial(self, batch_size: int) -> int:
         return int(round(self.ratio * batch_size))
 
-    def loss_fn(self, model, batch: List[Dict]):
-        """``x -> summed training losses`` of ``batch`` with its images replaced by ``x``
-        (each cropped back to its own size)."""
+    def loss_fn(self, model, batch: List[Dict], seed: int = 0):
+        """``x -> value`` to maximise for ``batch`` with its images replaced by ``x`` (each
+        cropped back to its own size): the summed training losses, or the dense objective."""
+        if self.objective != "train_losses":
+            adapter = copy.copy(adapter_class(model)(model, self.metadata))
+            adapter.dense_targets = _training_labels
+            return build_objective(self.objective, adapter, batch, seed=seed, batched=True)
         sizes = [tuple(d["image"].shape[-2:]) for d in batch]
         n = len(batch)
 
@@ -171,6 +200,13 @@ class AdversarialExamples:
             return sum(model(inputs).values())
 
         return loss
+
+    def crafting_mode(self, model):
+        """Training mode with frozen norms for the training losses, eval mode for the dense
+        objectives (which read the inference logits)."""
+        return frozen_norm_training_mode(model) if self.objective == "train_losses" else (
+            eval_mode(model)
+        )
 
     def __call__(self, model, batch: List[Dict], iteration: int, rank: int = 0) -> List[Dict]:
         """``batch`` with its first :meth:`num_adversarial` images adversarial (float 0-255
@@ -185,11 +221,11 @@ class AdversarialExamples:
         seed = step_seed(self.seed, iteration, rank)
         generator = torch.Generator().manual_seed(seed)
         devices = [x.device] if x.device.type == "cuda" else []
-        with frozen_norm_training_mode(model), EventStorage(), torch.random.fork_rng(devices):
+        with self.crafting_mode(model), EventStorage(), torch.random.fork_rng(devices):
             torch.manual_seed(seed)  # proposal sampling inside the losses
             x_adv = craft(
                 x,
-                self.loss_fn(model, targets),
+                self.loss_fn(model, targets, seed),
                 eps,
                 self.attack,
                 self.step_size,

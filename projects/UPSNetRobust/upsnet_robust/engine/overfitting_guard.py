@@ -31,7 +31,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
-from ..adapters.base import DENSE_LOGITS, eval_mode, frozen_norm_training_mode, unwrap_model
+from ..adapters.base import DENSE_LOGITS, eval_mode, unwrap_model
 from ..utils.io import atomic_json
 from .adversarial_training import AdversarialExamples, _stack, craft, step_seed
 
@@ -109,10 +109,10 @@ class OverfittingGuard(HookBase):
         eps = self.examples.eps
         device = next(model.parameters()).device
         x = _stack([d["image"] for d in self.batch]).to(device)
-        loss_fn = self.examples.loss_fn(model, self.batch)
         seed = step_seed(self.examples.seed, -1, 0)  # the same points at every check
+        loss_fn = self.examples.loss_fn(model, self.batch, seed)
         out = {"iteration": int(iteration)}
-        with frozen_norm_training_mode(model), EventStorage(), torch.random.fork_rng([]):
+        with self.examples.crafting_mode(model), EventStorage(), torch.random.fork_rng([]):
             for name, attack, steps in (
                 ("train_attack", self.examples.attack, self.examples.num_steps),
                 ("pgd", "pgd", self.num_steps),
@@ -123,7 +123,7 @@ class OverfittingGuard(HookBase):
                 x_adv = craft(x, loss_fn, eps, attack, step, steps, self.examples.noise, gen)
                 torch.manual_seed(seed)
                 with torch.no_grad():
-                    out[f"{name}_loss"] = float(loss_fn(x_adv))
+                    out[f"{name}_loss"] = float(loss_fn(x_adv).sum())
                 if name == "pgd":
                     out["robust_acc"] = self._pixel_accuracy(x_adv)
         return out
