@@ -323,3 +323,54 @@ def test_a_dense_objective_crafts_in_eval_mode_against_the_training_labels(tiny_
     assert ce([d["image"] for d in out]) > ce([d["image"] for d in batch])
     with pytest.raises(ValueError, match="ADV_TRAIN.OBJECTIVE"):
         AdversarialExamples(objective="panoptic")
+
+
+FAMILIES = {
+    "panoptic_fpn": "panoptic_fpn_tiny.yaml",
+    "panoptic_deeplab": "panoptic_deeplab_tiny.yaml",
+    "semantic_fpn": "semantic_fpn_tiny.yaml",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_model_family_with_training_losses_trains_adversarially(
+    family, synthetic_cityscapes_root, synthetic_cityscapes_names, tmp_path
+):
+    """Two adversarial iterations of each other model family on its own training mapper; the
+    crafted images are scored by the model's training losses (each one higher than clean)."""
+    from upsnet_robust.data import register_synthetic_cityscapes_semantic
+    from upsnet_robust.engine import get_upsnet_cfg, merge_with_hints
+
+    names = synthetic_cityscapes_names
+    if family == "semantic_fpn":
+        names = dict(zip(("train", "val"), register_synthetic_cityscapes_semantic(
+            synthetic_cityscapes_root, name_prefix="adv_semantic")))
+    cfg = get_upsnet_cfg()
+    merge_with_hints(cfg, os.path.join(REPO_ROOT, "configs", "Synthetic", FAMILIES[family]), [
+        "DATASETS.TRAIN", f"('{names['train']}',)", "DATASETS.TEST", f"('{names['val']}',)",
+        "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "", *TRAIN_OPTS, "SOLVER.MAX_ITER", "2",
+    ])
+    trainer = Trainer(cfg)
+    examples = trainer._trainer.data_loader.examples
+    rises = []
+    original = type(examples).__call__
+
+    def spy(self, model, batch, iteration, rank=0):
+        out = original(self, model, batch, iteration, rank)
+        loss = self.loss_fn(model, batch)
+        with self.crafting_mode(model), EventStorage(), torch.no_grad():
+            for clean, adv in ((batch, out),):
+                torch.manual_seed(0)
+                before = float(loss(torch.stack([d["image"].float() for d in clean])))
+                torch.manual_seed(0)
+                after = float(loss(torch.stack([d["image"] for d in adv])))
+        rises.append(after > before)
+        return out
+
+    type(examples).__call__ = spy
+    try:
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        type(examples).__call__ = original
+    assert len(rises) == 2 and all(rises)
