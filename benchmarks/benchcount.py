@@ -98,11 +98,13 @@ def _count_backward(counter):
 
 
 def count_attacks(sweep, counter: Counter) -> None:
-    """Time each pass's ``attack.perturb``, wrapping the sweep's attack builder from outside."""
-    build = sweep._attack
+    """Time each pass's ``attack.perturb``, wrapping the sweep's image-step builder from
+    outside (an attack pass's step holds its attack)."""
+    build = sweep._step
 
-    def recording_attack(spec):
-        attack = build(spec)
+    def recording_step(spec, pass_dir=None):
+        step = build(spec, pass_dir)
+        attack = getattr(step, "attack", None)
         if attack is not None:
             perturb = attack.perturb
 
@@ -114,9 +116,9 @@ def count_attacks(sweep, counter: Counter) -> None:
                     counter["seconds:attack"] += time.perf_counter() - start
 
             attack.perturb = timed_perturb
-        return attack
+        return step
 
-    sweep._attack = recording_attack
+    sweep._step = recording_step
 
 
 def _pass_record(spec, attack, delta: Counter, seconds: float) -> dict:
@@ -148,17 +150,24 @@ def _pass_record(spec, attack, delta: Counter, seconds: float) -> dict:
 
 def count_passes(sweep, counter: Counter) -> list:
     """Wrap the sweep's pass runner: the returned list gets one :func:`_pass_record` per pass."""
-    per_pass = []
-    run_pass = sweep._run_pass
+    per_pass, built = [], []
+    run_pass, build = sweep._run_pass, sweep._step
 
-    def counted_run_pass(spec, attack, pass_dir):
+    def recording_step(spec, pass_dir=None):
+        built.append(build(spec, pass_dir))
+        return built[-1]
+
+    def counted_run_pass(spec, pass_dir):
         before = Counter(counter)
         start = time.perf_counter()
-        cells = run_pass(spec, attack, pass_dir)
+        built.clear()
+        cells = run_pass(spec, pass_dir)
         delta = Counter(counter)
         delta.subtract(before)
+        attack = getattr(built[-1], "attack", None) if built else None
         per_pass.append(_pass_record(spec, attack, delta, time.perf_counter() - start))
         return cells
 
+    sweep._step = recording_step
     sweep._run_pass = counted_run_pass
     return per_pass

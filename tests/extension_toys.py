@@ -1,7 +1,8 @@
 # Copyright (c) UPSNetRobust authors.
 """Toy extensions of :mod:`test_extension_api`, each registered beside its class through the
-public API only: a model adapter, an objective, an attack, a BPDA surrogate and a defense (its
-``cfg.DEFENSE`` node and default surrogate declared with it).
+public API only: a model adapter, an objective, an attack, a BPDA surrogate, a defense (its
+``cfg.DEFENSE`` node and default surrogate declared with it) and a threat kind (an image
+function with a config key of its own).
 
 Run as a script, in a fresh process (registries are process-global: the toys must not leak into
 other tests), it runs them in a small sweep and saves what the test checks::
@@ -18,14 +19,17 @@ from torch import nn
 from upsnet_robust.adapters import DENSE_LOGITS, ModelAdapter, as_adapter, register_adapter
 from upsnet_robust.attacks import Attack, project_linf, register_attack
 from upsnet_robust.attacks.objectives import register_objective
+from upsnet_robust.config import register_config
 from upsnet_robust.data import register_synthetic_cityscapes_semantic
 from upsnet_robust.defenses import DefenseTransform, register_defense
 from upsnet_robust.defenses.surrogates import DEFAULT_SURROGATES, Surrogate, register_surrogate
 from upsnet_robust.engine import get_upsnet_cfg
 from upsnet_robust.evaluation import RobustnessSweep
+from upsnet_robust.evaluation.report import write_report
+from upsnet_robust.threats import ImageStep, StepResult, ThreatKind, ThreatSpec, register_threat
 
 NUM_CLASSES = 19  # the Cityscapes trainIds of the synthetic semantic split
-EPS, SEED, LOW, HIGH = 8.0, 5, 60.0, 240.0
+EPS, SEED, LOW, HIGH, GAMMA = 8.0, 5, 60.0, 240.0, 0.5
 
 
 # ------------------------------------------------------------------------------ the extensions
@@ -88,6 +92,7 @@ class RandomSignAttack(Attack):
     eps-ball (s in {-1, 1}^n per image, from the image's generator): no gradient needed."""
 
     num_draws = 3
+    needs_gradients = False
 
     def perturb(self, images, objective):
         x = images.detach().float()
@@ -139,6 +144,50 @@ class ToyClampDefense(DefenseTransform):
         return np.clip(img, self.low, self.high).astype(img.dtype)
 
 
+# the threat kind (docs/EXTENDING.md, "A threat kind", shows this code)
+@register_config
+def add_gamma_config(cfg):
+    cfg.ROBUSTNESS.GAMMAS = []  # gamma curves x' = 255 (x / 255) ** g, one pass each
+
+
+class GammaStep(ImageStep):
+    """A batch under one gamma curve (no objective, no gradient)."""
+
+    def __init__(self, gamma):
+        self.gamma = gamma
+
+    def __call__(self, inputs, images):
+        return StepResult([255.0 * (im / 255.0) ** self.gamma for im in images])
+
+
+@register_threat("gamma")
+class GammaKind(ThreatKind):
+    """One pass per gamma of ROBUSTNESS.GAMMAS; its cells carry ``gamma``."""
+
+    threat_model = "gamma cells score the test images under a fixed gamma curve (no adversary)"
+
+    @classmethod
+    def names(cls):
+        return ["gamma"]
+
+    @classmethod
+    def claims(cls, name):
+        return name == "gamma"
+
+    @classmethod
+    def expand(cls, cfg, include_adaptive=True):
+        return [ThreatSpec.make(cls.name, "gamma", params={"gamma": float(g)})
+                for g in cfg.ROBUSTNESS.GAMMAS]  # fmt: skip
+
+    @classmethod
+    def tag(cls, spec):
+        return f"gamma{spec.param('gamma'):g}"
+
+    @classmethod
+    def image_step(cls, spec, context):
+        return GammaStep(spec.param("gamma"))
+
+
 # ------------------------------------------------------------------------------ the sweep
 def _cfg(val_name, output_dir):
     cfg = get_upsnet_cfg()  # after the toy defense registered: its node is generated
@@ -150,6 +199,7 @@ def _cfg(val_name, output_dir):
         "ROBUSTNESS.OBJECTIVE", "toy_margin", "ROBUSTNESS.DEFENSES", "['none', 'toy_clamp']",
         "ROBUSTNESS.ADAPTIVE", "True", "ROBUSTNESS.SEED", str(SEED),
         "ROBUSTNESS.NUM_EXAMPLES", "2", "DEFENSE.TOY_CLAMP.LOW", str(LOW),
+        "ROBUSTNESS.GAMMAS", f"[{GAMMA}]",
     ])  # fmt: skip
     return cfg
 
@@ -170,6 +220,9 @@ def main(root: str, output_dir: str) -> None:
     sweep = RobustnessSweep(cfg, model, "", output_dir, on_example=on_example)
     defense = sweep.defenses["toy_clamp"]
     cells = sweep.run()
+    paths = write_report(cells, output_dir, {"config_file": "extension_toys.py"})
+    with open(paths["md"]) as f:
+        report = f.read()
     torch.save(
         {
             "cells": cells,
@@ -180,6 +233,7 @@ def main(root: str, output_dir: str) -> None:
             "defense": {"class": type(defense).__name__, "low": float(defense.low)},
             "default_surrogate": DEFAULT_SURROGATES["toy_clamp"],
             "num_draws": RandomSignAttack.num_draws,
+            "report": report,
         },
         os.path.join(output_dir, "extension.pt"),
     )

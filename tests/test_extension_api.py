@@ -1,6 +1,6 @@
 # Copyright (c) UPSNetRobust authors.
 """Extending the project through its public registration API only: the toy model adapter,
-attack, objective, BPDA surrogate and defense of ``tests/extension_toys.py`` (each declared once,
+attack, objective, BPDA surrogate, defense and threat kind of ``tests/extension_toys.py`` (each declared once,
 beside its class) run together in a small sweep (2 tiny val images), checked here against
 float64 recomputations. The sweep runs in a fresh process, so that the toys' registrations do
 not leak into the other tests' registries and configs."""
@@ -30,7 +30,7 @@ from upsnet_robust.engine import get_upsnet_cfg
 
 TOYS = os.path.join(REPO_ROOT, "tests", "extension_toys.py")
 NUM_CLASSES = 19
-EPS, SEED, LOW, HIGH = 8.0, 5, 60.0, 240.0  # as in extension_toys.py
+EPS, SEED, LOW, HIGH, GAMMA = 8.0, 5, 60.0, 240.0, 0.5  # as in extension_toys.py
 
 
 # ------------------------------------------------------------------------------ references
@@ -124,12 +124,18 @@ def test_toy_extensions_run_in_a_sweep(synthetic_cityscapes_root, tmp_path):
         ("random_sign", "none", False), ("random_sign", "toy_clamp", False),
         ("fgsm", "none", False), ("fgsm", "toy_clamp", False),
         ("random_sign", "toy_clamp", True), ("fgsm", "toy_clamp", True),
+        ("gamma", "none", False), ("gamma", "toy_clamp", False),
     ]  # fmt: skip
     for c in cells:
         assert (c["model"], c["metric"], c["num_images"], c["num_failed"]) == (
             "ToyPixelClassifier", "mIoU", 2, 0)  # fmt: skip
-        assert c["objective"] == (None if c["attack"] == "clean" else "toy_margin")
-    assert cells[-1]["surrogate"] == f"toy_clamp(low={LOW:g},high={HIGH:g})"
+        toy_kind = c["threat"]["kind"] == "gamma"
+        assert c["objective"] == (None if c["attack"] == "clean" or toy_kind else "toy_margin")
+    assert cells[-3]["surrogate"] == f"toy_clamp(low={LOW:g},high={HIGH:g})"
+    # the toy threat kind: its own config key, its param in every cell, its images scored by
+    # every defense (float64 mIoU of the gamma-curved images), its sentence in the report
+    gamma = [c for c in cells if c["threat"]["kind"] == "gamma"]
+    assert [c["gamma"] for c in gamma] == [GAMMA, GAMMA] and not gamma[0]["threat"]["iterative"]
 
     inputs, dicts = _val_inputs(synthetic_cityscapes_root)
     clean_miou = _miou(res, inputs, dicts)
@@ -137,11 +143,23 @@ def test_toy_extensions_run_in_a_sweep(synthetic_cityscapes_root, tmp_path):
     assert cells[0]["mIoU"] == pytest.approx(clean_miou, abs=1e-9)
     assert cells[1]["mIoU"] == pytest.approx(clamped_miou, abs=1e-9)
 
+    def curve(z):
+        return (255.0 * (z.double() / 255.0) ** GAMMA).float()
+
+    assert gamma[0]["mIoU"] != pytest.approx(clean_miou, abs=1e-3)  # not vacuous
+    assert gamma[0]["mIoU"] == pytest.approx(_miou(res, inputs, dicts, curve), abs=1e-4)
+    clamped_curve = _miou(res, inputs, dicts, lambda z: curve(z).clamp(LOW, HIGH))
+    assert gamma[1]["mIoU"] == pytest.approx(clamped_curve, abs=1e-4)
+    report = res["report"]
+    assert "gamma cells score the test images under a fixed gamma curve" in report
+    assert "## Attack: gamma" in report
+
     adv = {tuple(k.split("|")): v for k, v in res["examples"].items()}
     for x in inputs:
         clean, image_id = x["image"].float(), x["image_id"]
         # the toy attack with the toy objective, each image with its own seed
         assert torch.equal(adv[("random_sign", image_id)], _best_random_sign(res, x))
+        assert torch.allclose(adv[("gamma", image_id)], curve(clean), atol=1e-3)
         # adaptive: the same draws, scored through the defense
         through = _best_random_sign(res, x, lambda z: z.clamp(LOW, HIGH))
         assert torch.equal(adv[("random_sign-adaptive-toy_clamp", image_id)], through)

@@ -8,6 +8,8 @@ UPSNetRobust's main job: a robustness sweep of a trained model (detectron2 style
         --num-gpus 8 MODEL.WEIGHTS /path/to/model.pth
     python tools/attack_net.py --config-file configs/Synthetic/upsnet_tiny_lazy.py \
         robustness.epsilons=[1,4] train.output_dir=output/lazy
+    python tools/attack_net.py --plugin my_attacks.py --config-file ... \
+        ROBUSTNESS.ATTACKS "['two_step']"
 
 ``--config-file`` takes a YAML config of any meta-architecture with a model adapter (the
 project's, detectron2's model-zoo files, ...; ``KEY VALUE`` opts) or a LazyConfig ``.py`` in
@@ -16,6 +18,8 @@ detectron2's lazyconfig_train_net conventions with a ``robustness`` node (hydra-
 (plus clean), each adversarial batch is computed once and scored undefended and under every
 defense. Results go to OUTPUT_DIR: robustness.{json,csv,md}, pq_vs_eps.png, time_vs_eps.png,
 examples/. Re-running the same command resumes: finished images and cells are not recomputed.
+``--plugin MODULE_OR_FILE`` (repeatable) imports a user module (an attack, objective, defense,
+threat kind, ...) before the config is built, so its config keys exist when the YAML is merged.
 """
 import logging
 
@@ -24,7 +28,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import upsnet_robust  # noqa: F401  registers UPSNet, datasets, adapters, attacks and defenses
-from upsnet_robust.engine import Trainer, build_checkpointer, setup_cfg
+from upsnet_robust.engine import (
+    Trainer,
+    add_plugin_argument,
+    build_checkpointer,
+    load_plugins,
+    setup_cfg,
+)
 from upsnet_robust.engine.lazy import (
     build_lazy_model,
     build_lazy_test_mapper,
@@ -37,6 +47,7 @@ logger = logging.getLogger("upsnet_robust")
 
 
 def main(args):
+    load_plugins(args.plugin)  # in every process, before any config is built
     if is_lazy_config(args.config_file):
         lazy = load_lazy_config(args.config_file, args.opts)
         default_setup(lazy, args)
@@ -55,7 +66,7 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = add_plugin_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
         main,

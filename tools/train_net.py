@@ -6,6 +6,7 @@ UPSNet training and evaluation script (detectron2 style).
     python tools/train_net.py --config-file configs/Synthetic/upsnet_tiny.yaml
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS path/to/model.pth
     python tools/train_net.py --config-file ... --num-gpus 2   # gloo on a CPU-only machine
+    python tools/train_net.py --plugin my_attacks.py --config-file ...  # a user module first
 """
 import logging
 
@@ -14,13 +15,13 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import upsnet_robust  # noqa: F401  registers UPSNet, datasets, attacks and defenses
-from upsnet_robust.engine import Trainer, build_checkpointer, setup_cfg
+from upsnet_robust.engine import Trainer, add_plugin_argument, build_checkpointer, setup_cfg
 
 logger = logging.getLogger("upsnet_robust")
 
 
 def main(args):
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args)  # imports the --plugin modules first (in every process)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         build_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -36,7 +37,7 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = add_plugin_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
         main,

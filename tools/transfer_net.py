@@ -13,7 +13,8 @@ data and robustness settings. Adversarial images are crafted white-box once per 
 (its ROBUSTNESS.ATTACKS x EPSILONS, OBJECTIVE, SEED, QUANTIZE) and scored on every target model
 under the target's own ROBUSTNESS.DEFENSES. The opts at the end apply to every config (``KEY
 VALUE`` pairs for YAML configs, ``key=value`` for LazyConfigs). Writes transfer.json,
-transfer.md and transfer.png into --output-dir; re-running resumes.
+transfer.md and transfer.png into --output-dir; re-running resumes. ``--plugin MODULE_OR_FILE``
+(repeatable) imports a user module before the configs are built.
 """
 import argparse
 import datetime
@@ -25,7 +26,14 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import upsnet_robust  # noqa: F401  registers UPSNet, datasets, adapters, attacks and defenses
-from upsnet_robust.engine import Trainer, build_checkpointer, get_upsnet_cfg, merge_with_hints
+from upsnet_robust.engine import (
+    Trainer,
+    add_plugin_argument,
+    build_checkpointer,
+    get_upsnet_cfg,
+    load_plugins,
+    merge_with_hints,
+)
 from upsnet_robust.engine.lazy import (
     build_lazy_model,
     build_lazy_test_mapper,
@@ -64,6 +72,7 @@ def load_model(path: str, opts, name: str) -> TransferModel:
 
 
 def main(args):
+    load_plugins(args.plugin)  # in every process, before any config is built
     setup_logger(output=args.output_dir, distributed_rank=comm.get_rank(), name="upsnet_robust")
     setup_logger(distributed_rank=comm.get_rank(), name="detectron2")
     names = []
@@ -96,6 +105,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--machine-rank", type=int, default=0)
     port = 2**15 + 2**14 + hash(os.getuid() if hasattr(os, "getuid") else 1) % 2**14
     parser.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}")
+    add_plugin_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="applied to every config")
     return parser
 

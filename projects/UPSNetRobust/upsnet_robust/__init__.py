@@ -2,7 +2,7 @@
 """UPSNetRobust: UPSNet for detectron2, adversarial attacks, defenses and robustness sweeps.
 
 Importing this package registers every component (meta-architecture, datasets, attacks,
-defenses) in detectron2's and the project's registries.
+defenses, threat kinds) in detectron2's and the project's registries.
 """
 from .config import add_robustness_config, add_upsnet_config
 
@@ -12,6 +12,7 @@ from . import data  # noqa: F401  isort:skip
 from . import modeling  # noqa: F401  isort:skip
 from . import attacks  # noqa: F401  isort:skip
 from . import defenses  # noqa: F401  isort:skip
+from . import threats  # noqa: F401  isort:skip
 from . import evaluation  # noqa: F401  isort:skip
 from . import engine  # noqa: F401  isort:skip
 

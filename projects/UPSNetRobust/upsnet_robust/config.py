@@ -1,11 +1,41 @@
 # Copyright (c) UPSNetRobust authors.
 """Config keys of UPSNetRobust. Call ``add_upsnet_config`` then ``add_robustness_config``
-on a fresh ``get_cfg()`` before merging YAML files."""
+on a fresh ``get_cfg()`` before merging YAML files; :func:`add_registered_config` then adds the
+keys that model adapters and plug-ins contributed with :func:`register_config` (e.g.
+Panoptic-DeepLab's, a plug-in threat kind's), so set-up code names no model's keys."""
+from typing import Callable, List
+
 from detectron2.config import CfgNode as CN
 
 from .defenses.config import add_defense_config
 
-__all__ = ["add_adv_train_config", "add_upsnet_config", "add_robustness_config", "add_sea_config"]
+__all__ = [
+    "add_adv_train_config",
+    "add_registered_config",
+    "add_robustness_config",
+    "add_sea_config",
+    "add_upsnet_config",
+    "register_config",
+]
+
+_CONFIG_FUNCTIONS: List[Callable] = []
+
+
+def register_config(fn: Callable) -> Callable:
+    """Register ``fn(cfg)``, which adds config keys (a model's ``add_*_config``, a plug-in's
+    ``add_config``); :func:`add_registered_config` calls every registered function, in order,
+    after the project's own keys exist. Usable as a decorator; registering twice is a no-op."""
+    if not callable(fn):
+        raise TypeError(f"register_config takes a function cfg -> None, got {fn!r}")
+    if fn not in _CONFIG_FUNCTIONS:
+        _CONFIG_FUNCTIONS.append(fn)
+    return fn
+
+
+def add_registered_config(cfg) -> None:
+    """Call every function of :func:`register_config` on ``cfg``."""
+    for fn in list(_CONFIG_FUNCTIONS):
+        fn(cfg)
 
 
 def add_upsnet_config(cfg):
@@ -65,8 +95,9 @@ def add_robustness_config(cfg):
     # Early stopping of iterative attacks (PGD family, SegPGD, CosPGD, MI-FGSM, APGD) with an
     # untargeted dense objective: an image stops once none of its labelled pixels is classified
     # correctly (read from the attack's own forward pass) and keeps that point; a batch stops when
-    # all its images have. Saves passes; off keeps the study's protocol and caches (when on, it
-    # is part of each pass's key). Rejected at set-up with other objectives and ADAPTIVE.
+    # all its images have. Saves passes; off keeps the study's protocol (like every setting an
+    # attack reads, it is part of each pass's key). Rejected at set-up with other objectives and
+    # ADAPTIVE.
     _C.ROBUSTNESS.EARLY_STOP = False
     add_sea_config(_C)
     # Defenses to score every adversarial batch with ("none" always means undefended).

@@ -27,6 +27,7 @@ from torch import nn
 from detectron2.utils.events import EventStorage
 from detectron2.utils.registry import Registry
 
+from ..tasks import HEADLINE_METRICS
 from ..utils.registry import subclass_decorator
 
 __all__ = [
@@ -59,8 +60,8 @@ LOSSES = "losses"
 DENSE_LOGITS = "dense_logits"
 PANOPTIC_LOGITS = "panoptic_logits"
 
-# The tasks an adapter can be scored on, with their headline metric (detectron2's names).
-TASKS = {"panoptic_seg": "PQ", "sem_seg": "mIoU", "instances": "AP"}
+# The tasks an adapter can be scored on, with their headline metric (upsnet_robust.tasks).
+TASKS = HEADLINE_METRICS
 
 _NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,

@@ -18,8 +18,10 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.projects.panoptic_deeplab import PanopticDeeplabDatasetMapper  # registers the model
+from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
 from detectron2.structures import ImageList
 
+from ..config import register_config
 from .base import (
     DENSE_LOGITS,
     LOSSES,
@@ -30,6 +32,9 @@ from .base import (
 )
 
 __all__ = ["PanopticDeepLabAdapter", "panoptic_deeplab_mapper"]
+
+# Panoptic-DeepLab's (and DeepLab's) keys, so its YAML files load like any other model's.
+register_config(add_panoptic_deeplab_config)
 
 logger = logging.getLogger(__name__)
 

@@ -119,6 +119,9 @@ class APGD(Attack):
     """
 
     name = "apgd"
+    step_rule = "T = NUM_STEPS, else 100; the step starts at 2 eps and halves at checkpoints"
+    baseline = "pgd"  # its step-size control exists to beat fixed-step PGD at equal passes
+    keeps_accuracy = True
     supports_early_stop = True
 
     @configurable

@@ -230,6 +230,19 @@ class Attack:
     needs_dense_objective: bool = False
     #: True for attacks that implement early stopping (iterative attacks).
     supports_early_stop: bool = False
+    #: One gradient step (FGSM); the sanity checks hold every iterative attack against it.
+    single_step: bool = False
+    #: False for attacks that only evaluate the objective (random search, ...).
+    needs_gradients: bool = True
+    #: A registered attack this one must be at least as strong as at an equal budget of
+    #: forward-backward passes (APGD: "pgd"), read by the report's sanity checks.
+    baseline: Optional[str] = None
+    #: How the attack picks its steps and step size when the config leaves them to it (the
+    #: report's metadata states it); "" when it has no such rule.
+    step_rule: str = ""
+    #: True for attacks that read ROBUSTNESS.APGD_KEEP "accuracy" (the point of fewest correct
+    #: pixels), which needs an untargeted dense objective.
+    keeps_accuracy: bool = False
 
     def __init__(self, eps: EpsLike, generator: GeneratorLike = None):
         """
@@ -269,14 +282,25 @@ class Attack:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Hyper-parameters for the report (an honest report states alpha, T, restarts, ...)."""
+        """Hyper-parameters for the report (an honest report states alpha, T, restarts, ...).
+
+        This default reads the attack's own ``num_steps`` / ``step_size`` attributes (set them
+        in ``__init__``); without them a single-step attack reports 1 step of size eps and any
+        other attack 0 steps of size 0 ("not stated"), never a made-up count."""
+        eps = self._eps_for_report()
+        steps = getattr(self, "num_steps", None)
+        size = getattr(self, "step_size", None)
+        if steps is None:
+            steps, size = (1, eps) if self.single_step else (0, 0.0)
+        if torch.is_tensor(size):
+            size = size.tolist()
         return {
             "name": self.name,
-            "eps": self._eps_for_report(),
-            "num_steps": 1,
-            "step_size": self._eps_for_report(),
-            "random_start": False,
-            "restarts": 1,
+            "eps": eps,
+            "num_steps": steps,
+            "step_size": eps if size is None else size,
+            "random_start": bool(getattr(self, "random_start", False)),
+            "restarts": int(getattr(self, "restarts", 1) or 1),
         }
 
     def manual_seed(self, seed: Union[int, Sequence[int]]) -> "Attack":

@@ -164,12 +164,16 @@ class _GroundTruthLoss(SemanticCEObjective):
 class MaskedCEObjective(_GroundTruthLoss):
     """Gradient of :func:`masked_ce`; value: the plain cross-entropy (see above)."""
 
+    description = "cross-entropy on the pixels still classified correctly (SEA)"
+
     loss = staticmethod(masked_ce)
 
 
 @register_objective("balanced_masked_ce")
 class BalancedMaskedCEObjective(_GroundTruthLoss):
     """Gradient of :func:`balanced_masked_ce`; value: the plain cross-entropy (see above)."""
+
+    description = "class-balanced masked cross-entropy (SEA)"
 
     loss = staticmethod(balanced_masked_ce)
 
@@ -179,6 +183,8 @@ class JSDivergenceObjective(_GroundTruthLoss):
     """:func:`js_divergence` (value and gradient: it rises as pixels are fooled, so it ranks
     points well itself)."""
 
+    description = "Jensen-Shannon divergence of softmax and one-hot target (SEA)"
+
     loss = staticmethod(js_divergence)
     tracks_cross_entropy = False
 
@@ -186,5 +192,7 @@ class JSDivergenceObjective(_GroundTruthLoss):
 @register_objective("masked_spherical")
 class MaskedSphericalObjective(_GroundTruthLoss):
     """Gradient of :func:`masked_spherical`; value: the plain cross-entropy (see above)."""
+
+    description = "masked spherical loss on the normalised true-class logit (SEA)"
 
     loss = staticmethod(masked_spherical)

@@ -18,6 +18,7 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    single_step = True
 
     @configurable
     def __init__(self, eps, generator=None):

@@ -97,6 +97,9 @@ class PGD(Attack):
 
     name = "pgd"
     supports_early_stop = True
+    step_rule = (
+        "T = NUM_STEPS, else max(1, ceil(min(eps + 4, 1.25 eps))); alpha = STEP_SIZE, else eps / T"
+    )
 
     @configurable
     def __init__(
@@ -275,6 +278,7 @@ class IFGSM(PGD):
     """
 
     name = "ifgsm"
+    step_rule = "T = max(1, ceil(min(eps + 4, 1.25 eps))) unless NUM_STEPS > 0, alpha = 1"
 
     @configurable
     def __init__(self, eps, step_size=1.0, num_steps=None, generator=None, early_stop=False):

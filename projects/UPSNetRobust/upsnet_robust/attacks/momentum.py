@@ -23,6 +23,7 @@ class MIFGSM(PGD):
     """
 
     name = "mifgsm"
+    step_rule = "T = NUM_STEPS, else 10; alpha = STEP_SIZE, else eps / T"
 
     @configurable
     def __init__(

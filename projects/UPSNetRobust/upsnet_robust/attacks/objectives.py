@@ -99,6 +99,11 @@ class _Objective:
     ground_truth: Sequence[str] = ()
     #: True for objectives built on per-pixel logits (SegPGD, CosPGD and ILLC need one).
     dense = False
+    #: True for objectives that pull towards chosen targets (least_likely): the sanity checks
+    #: do not hold them against untargeted ones, dense attacks and early stopping refuse them.
+    targeted = False
+    #: What the attack maximises, one phrase for the report's threat model.
+    description = "a registered objective"
 
     def __init__(self, model, batched_inputs: List[Dict], seed: int = 0, batched: bool = False):
         self.adapter = as_adapter(model)
@@ -166,6 +171,8 @@ class _Objective:
 class TrainLossesObjective(_Objective):
     """Sum of all training losses against ground truth (for UPSNet: RPN, box, mask, semantic,
     panoptic): the reference study's objective. Any sampling is seeded per image."""
+
+    description = "sum of the model's training losses against the ground truth (the study's)"
 
     requires = LOSSES
     ground_truth = "losses"
@@ -277,6 +284,8 @@ class SemanticCEObjective(DenseObjective):
     """Cross-entropy of the dense logits against the ground-truth semantic map (mapped to the
     model's classes by its adapter)."""
 
+    description = "per-pixel cross-entropy of the dense class logits against the ground truth"
+
     ground_truth = ("sem_seg",)
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
@@ -290,6 +299,8 @@ class SemanticCEObjective(DenseObjective):
 @register_objective("pseudo_label")
 class PseudoLabelObjective(DenseObjective):
     """Label-free: cross-entropy against the model's own clean per-pixel prediction."""
+
+    description = "cross-entropy against the model's own clean prediction (no ground truth)"
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
         super().__init__(model, batched_inputs, seed, batched)
@@ -308,6 +319,8 @@ class LeastLikelyObjective(DenseObjective):
     the semantic logits, so the panoptic output follows."""
 
     supports_early_stop = False
+    targeted = True
+    description = "targeted: towards each pixel's least likely class (ILLC)"
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):
         super().__init__(model, batched_inputs, seed, batched)
@@ -329,6 +342,8 @@ class PanopticObjective(_Objective):
     pixels want their class; pixels of a GT instance want the predicted instance channel that
     matches it (same class, IoU > 0.5 with the current prediction), else the unknown channel.
     The matching is redone at every call, as the predicted instances change."""
+
+    description = "UPSNet's panoptic-logit loss on matched ground-truth segments"
 
     requires = PANOPTIC_LOGITS
     ground_truth = ("instances", "sem_seg")

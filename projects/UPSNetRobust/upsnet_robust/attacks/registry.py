@@ -33,10 +33,23 @@ and ``describe() -> dict``. Registered with :func:`register_attack` under the lo
 def register_attack(name: str):
     """Class decorator: register an :class:`Attack` subclass under its ``ROBUSTNESS.ATTACKS``
     name (lower case); sets ``cls.name``. The class is built by :func:`build_attack` as
-    ``cls(**cls.from_config(cfg, eps))`` (:meth:`Attack.from_config` passes ``eps`` only)."""
+    ``cls(**cls.from_config(cfg, eps))`` (:meth:`Attack.from_config` passes ``eps`` only). A
+    class that defines ``add_config(cfg)`` (a static or class method adding its own keys) gets
+    it registered with :func:`upsnet_robust.config.register_config`, so an attack with a setting
+    of its own is one file."""
     if not isinstance(name, str) or not name or name != name.strip().lower():
         raise ValueError(f"Invalid attack name {name!r}: a lower-case config name, e.g. 'pgd'")
-    return subclass_decorator(ATTACK_REGISTRY, Attack, name, attribute="name")
+    deco = subclass_decorator(ATTACK_REGISTRY, Attack, name, attribute="name")
+
+    def register(cls):
+        cls = deco(cls)
+        if "add_config" in vars(cls):
+            from ..config import register_config
+
+            register_config(cls.add_config)
+        return cls
+
+    return register
 
 
 for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD):

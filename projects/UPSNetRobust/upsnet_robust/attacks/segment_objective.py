@@ -153,6 +153,11 @@ class SegmentObjective(DenseObjective):
     thing instances, crowd and void left out); value: the plain cross-entropy against the
     segments' classes (see the module docstring)."""
 
+    description = (
+        "every ground-truth segment still matched (IoU > 0.5) pushed below 0.5, each "
+        "segment weighted equally whatever its size (aimed at RQ)"
+    )
+
     ground_truth = ("pan_seg", "segments_info")
 
     def __init__(self, model, batched_inputs, seed=0, batched=False):

@@ -7,21 +7,26 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_adv_train_config, add_robustness_config, add_upsnet_config
+from ..config import (
+    add_adv_train_config,
+    add_registered_config,
+    add_robustness_config,
+    add_upsnet_config,
+)
+from .plugins import load_plugins
 
 __all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
 
 
 def get_upsnet_cfg() -> CfgNode:
-    """detectron2's defaults plus every UPSNetRobust key, and the keys of detectron2's DeepLab and
-    Panoptic-DeepLab projects (so their YAML files load like any other model's)."""
-    from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
-
+    """detectron2's defaults plus every UPSNetRobust key and the keys that model adapters and
+    plug-ins registered (:func:`upsnet_robust.config.register_config`; e.g. Panoptic-DeepLab's,
+    so its YAML files load like any other model's)."""
     cfg = get_cfg()
-    add_panoptic_deeplab_config(cfg)  # adds DeepLab's keys too
     add_upsnet_config(cfg)
     add_robustness_config(cfg)
     add_adv_train_config(cfg)
+    add_registered_config(cfg)
     return cfg
 
 
@@ -59,7 +64,9 @@ def merge_with_hints(cfg: CfgNode, config_file: str = None, opts=None) -> CfgNod
 
 
 def setup_cfg(args, freeze: bool = True) -> CfgNode:
-    """detectron2's set-up order: defaults, project keys, file, opts, freeze, default_setup."""
+    """detectron2's set-up order: plug-ins (``--plugin``), defaults, project keys, file, opts,
+    freeze, default_setup."""
+    load_plugins(getattr(args, "plugin", None))  # before the config: their keys must exist
     cfg = get_upsnet_cfg()
     merge_with_hints(cfg, args.config_file or None, args.opts)
     if freeze:

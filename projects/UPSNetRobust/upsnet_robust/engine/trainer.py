@@ -28,12 +28,12 @@ from detectron2.evaluation import (
 from detectron2.utils import comm
 
 from ..adapters.base import AdapterInference, adapter_class, build_adapter, unwrap_model
-from ..attacks import build_attack
 from ..evaluation import AdversarialInference, MultiVariantEvaluator, PanopticSemSegEvaluator
-from ..evaluation.checks import check_early_stop, check_sweep_attacks
+from ..evaluation.checks import check_early_stop
 from ..evaluation.evaluators import build_task_evaluator
 from ..evaluation.robust_mapper import RobustMapper, objective_needs_segments
 from ..modeling import UPSNetCheckpointer
+from ..threats import StepContext, check_threats, expand_threats, threat_kind
 from .adversarial_training import AdversarialBatches, AdversarialExamples
 from .overfitting_guard import OverfittingGuard
 
@@ -119,13 +119,15 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
-    def build_attack_loader(cls, cfg, dataset_name):
+    def build_attack_loader(cls, cfg, dataset_name, objective=None):
         """The test loader of attacked evaluation: the adapter's test mapper plus the ground
-        truth the objective reads (e.g. the panoptic segments of ``segment``)."""
+        truth the pass's ``objective`` reads (e.g. the panoptic segments of ``segment``;
+        default ROBUSTNESS.OBJECTIVE)."""
         mapper = adapter_class(cfg.MODEL.META_ARCHITECTURE).test_mapper(cfg)
+        objective = cfg.ROBUSTNESS.OBJECTIVE if objective is None else objective
         mapper = RobustMapper(
             mapper or DatasetMapper(cfg, is_train=False),
-            panoptic_segments=objective_needs_segments(cfg.ROBUSTNESS.OBJECTIVE),
+            panoptic_segments=bool(objective) and objective_needs_segments(objective),
         )
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
@@ -182,41 +184,53 @@ class Trainer(DefaultTrainer):
 
     @staticmethod
     def _check_attacks(cfg, model):
-        """Every ROBUSTNESS.ATTACKS entry can run on the model with ROBUSTNESS.OBJECTIVE (the
-        ensembles of the sweep, "sea", cannot run here: the message says what to list)."""
-        adapter = build_adapter(cfg, model)
-        check_sweep_attacks(adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        """The passes of ROBUSTNESS (the sweep's expansion without clean, adaptive and
+        sweep-only passes such as "sea", which fail with a message saying what to list), each
+        checked by its kind; returns them."""
+        specs = expand_threats(cfg, include_clean=False, include_adaptive=False, combining=False)
+        check_threats(cfg, build_adapter(cfg, model), specs)
         check_early_stop(cfg)
+        return specs
 
     @classmethod
     def test_with_attack(cls, cfg, model, evaluators=None):
-        """Score the model under each configured (attack, eps), undefended, with any evaluators.
+        """Score the model under each configured pass (attack x eps, and any other kind a
+        plug-in registers), undefended, with any evaluators.
 
-        Results are keyed like ``test_with_TTA``'s: ``<task>_<attack>_eps<eps>``. Images the
-        attack could not score (non-finite gradients) are skipped and logged.
+        Results are keyed like ``test_with_TTA``'s: ``<task>_<pass tag>`` (``<attack>_eps<eps>``
+        for attacks). Images that could not be scored (non-finite gradients) are skipped and
+        logged.
         """
-        cls._check_attacks(cfg, model)
+        specs = cls._check_attacks(cfg, model)
         results = {}
         for dataset_name in cfg.DATASETS.TEST:
             # the data set's label convention (e.g. PanopticFPN's separated labels)
             adapter = adapter_class(model)(model, MetadataCatalog.get(dataset_name))
-            data_loader = cls.build_attack_loader(cfg, dataset_name)
-            for attack_name in cfg.ROBUSTNESS.ATTACKS:
-                for eps in cfg.ROBUSTNESS.EPSILONS:
-                    tag = f"{attack_name}_eps{eps:g}"
-                    evaluator = evaluators or cls.build_evaluator(
-                        cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
-                    )
-                    attack = build_attack(cfg, attack_name, eps)
-                    wrapper = AdversarialInference(cfg, adapter, attack)
-                    scored = inference_on_dataset(
-                        wrapper, data_loader, MultiVariantEvaluator({"none": evaluator})
-                    )
-                    res = scored.get("none", {})
-                    if scored.get("failures"):
-                        logger.warning("%s: %d image(s) not scored", tag, len(scored["failures"]))
-                    if comm.is_main_process():
-                        logger.info("Attacked (%s) results on %s:", tag, dataset_name)
-                        print_csv_format(res)
-                    results.update({f"{k}_{tag}": v for k, v in res.items()})
+            loaders = {}
+            for spec in specs:
+                kind = threat_kind(spec.kind)
+                tag = kind.tag(spec)
+                evaluator = evaluators or cls.build_evaluator(
+                    cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
+                )
+                pass_cfg = spec.cfg(cfg)
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference_attack", tag)
+                context = StepContext(pass_cfg, adapter, {"none": None}, None, adapter.device,
+                                      folder)  # fmt: skip
+                kind.prepare(pass_cfg, spec, context, folder)
+                step = kind.image_step(spec, context)
+                objective = spec.objective if step is not None and step.needs_objective else ""
+                if objective not in loaders:
+                    loaders[objective] = cls.build_attack_loader(cfg, dataset_name, objective)
+                wrapper = AdversarialInference(pass_cfg, adapter, step)
+                scored = inference_on_dataset(
+                    wrapper, loaders[objective], MultiVariantEvaluator({"none": evaluator})
+                )
+                res = scored.get("none", {})
+                if scored.get("failures"):
+                    logger.warning("%s: %d image(s) not scored", tag, len(scored["failures"]))
+                if comm.is_main_process():
+                    logger.info("Attacked (%s) results on %s:", tag, dataset_name)
+                    print_csv_format(res)
+                results.update({f"{k}_{tag}": v for k, v in res.items()})
         return results

@@ -10,17 +10,20 @@ defenses: score it with :class:`~.evaluators.MultiVariantEvaluator`, which route
 outputs to its own evaluator and counts failures. Per-image attack / defense seconds and
 failures are recorded in :attr:`AdversarialInference.records`.
 
-With an :class:`~.hook_settings.AdaptiveSettings`, the attack is defense-aware: its objective
-is wrapped in :class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it attacks
-``model o defense`` (BPDA through the real defense, EOT over the masks of a randomised one)
-instead of the model.
+What perturbs a batch is an :class:`~upsnet_robust.threats.ImageStep` built by the pass's threat
+kind (an attack maximising an objective, an image function, a stored perturbation, ...); the
+hook builds no objective of its own. An :class:`~upsnet_robust.attacks.Attack` given instead is
+wrapped in the attack kind's :class:`~upsnet_robust.threats.attack.AttackStep` with the hook's
+settings. With an :class:`~.hook_settings.AdaptiveSettings`, that attack is defense-aware: its
+objective is wrapped in :class:`~upsnet_robust.defenses.bpda.DefenseAwareObjective`, so it
+attacks ``model o defense`` (BPDA through the real defense, EOT over the masks of a randomised
+one) instead of the model.
 """
 import logging
 import time
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,20 +31,17 @@ from detectron2.config import configurable
 
 from ..adapters.base import as_adapter
 from ..attacks import NonFiniteGradientError
-from ..attacks.objectives import AutocastObjective, build_objective, image_seed
 from ..defenses import apply_defense_to_tensor
-from ..defenses.bpda import DefenseAwareObjective
 from ..defenses.workers import DefenseWorkers
+from ..threats.attack import AttackStep, objective_for
+from ..threats.base import ImageFailure, ImageStep
+from ..utils.image import pad_stack
 from .hook_settings import AdaptiveSettings, HookSettings
 from .image_cache import FAILED_KEY, ImageCache
 
 __all__ = ["AdversarialInference", "FAILED_KEY", "pad_stack"]
 
 logger = logging.getLogger(__name__)
-
-# Mixed into an image's seed for its EOT mask stream (independent of the attack's own stream).
-_EOT_STREAM = 0x0E07
-
 
 def _sync(device: torch.device):
     if device.type == "cuda":
@@ -61,7 +61,10 @@ class AdversarialInference(nn.Module):
             or its :class:`~upsnet_robust.adapters.ModelAdapter` (built with
             ``build_adapter(cfg, model)`` for models whose labels need the data set's
             conventions).
-        attack: an attack from :func:`upsnet_robust.attacks.build_attack`, or None (clean).
+        attack: the pass's :class:`~upsnet_robust.threats.ImageStep` (from its threat kind), an
+            attack from :func:`upsnet_robust.attacks.build_attack` (run by an
+            :class:`~upsnet_robust.threats.attack.AttackStep` with ``settings``), or None
+            (clean).
         defenses: ordered mapping name -> detectron2 Transform or None (undefended); default
             ``{"none": None}``.
         settings (HookSettings): objective, input format, quantisation, seed, batch size,
@@ -93,7 +96,6 @@ class AdversarialInference(nn.Module):
         super().__init__()
         self.adapter = as_adapter(model)
         self.model = self.adapter.model
-        self.attack = attack
         self.settings = (settings or HookSettings()).replace(**setting_fields)
         self.defenses = OrderedDict(defenses if defenses is not None else {"none": None})
         if FAILED_KEY in self.defenses:
@@ -107,6 +109,8 @@ class AdversarialInference(nn.Module):
                 )
             if attack is None:
                 raise ValueError("An adaptive pass needs an attack.")
+        self.step = self._as_step(attack, adaptive)
+        self.attack = getattr(self.step, "attack", attack)
         keys = self.settings.output_keys
         if keys is None and cache_dir:
             keys = (self.adapter.task,)
@@ -150,6 +154,22 @@ class AdversarialInference(nn.Module):
             "defense_workers": defense_workers,
         }
 
+    def _as_step(self, attack, adaptive) -> Optional[ImageStep]:
+        """The image step of ``attack`` (an Attack runs as the attack kind's step)."""
+        if attack is None or isinstance(attack, ImageStep):
+            return attack
+        s = self.settings
+        return AttackStep(
+            attack,
+            objective_for(attack, s.objective),
+            self.adapter,
+            seed=s.seed,
+            input_format=s.input_format,
+            amp_dtype=s.amp_dtype,
+            adaptive=adaptive,
+            defense=self.defenses[adaptive.defense] if adaptive is not None else None,
+        )
+
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -161,7 +181,7 @@ class AdversarialInference(nn.Module):
         # N-process runs agree; a failing image is isolated by redoing its batch image by image.
         entries = [self.cache.load(x) if self.cache else None for x in batched_inputs]
         todo = [i for i, e in enumerate(entries) if e is None]
-        size = 1 if self.adaptive is not None else self.settings.batch_size
+        size = getattr(self.step, "batch_size", None) or self.settings.batch_size
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             for i, entry in zip(chunk, self._compute_batch([batched_inputs[i] for i in chunk])):
@@ -203,23 +223,23 @@ class AdversarialInference(nn.Module):
         vx = [xs[j] for j in valid]
         device = self._device
         advs = [x["image"].to(device).float() for x in vx]
-        if self.attack is not None:
+        if self.step is not None:
             try:
-                advs, seconds, stats = self._attack(vx, advs)
-            except NonFiniteGradientError as e:
+                advs, seconds, result = self._produce(vx, advs)
+            except (NonFiniteGradientError, ImageFailure) as e:
                 if len(vx) > 1:  # find out which image(s): redo them one by one
                     return [self._compute_batch([x])[0] for x in xs]
-                reason = f"non-finite gradient ({e})"
+                reason = f"non-finite gradient ({e})" if isinstance(
+                    e, NonFiniteGradientError) else str(e)  # fmt: skip
                 logger.warning("Skipping %s: %s", vx[0].get("file_name"), reason)
                 entries[valid[0]] = self._failed(records[valid[0]], reason)
                 return entries
-            passes = getattr(self.attack, "image_passes", None)
             for k, j in enumerate(valid):
                 records[j]["attack_s"] = seconds / len(vx)  # the batch's time, shared evenly
                 records[j]["attack_batch_size"] = len(vx)
-                records[j].update(stats)
-                if passes is not None:  # forward+backward passes this image needed
-                    records[j]["attack_passes"] = int(passes[k])
+                records[j].update(result.stats)
+                if result.passes is not None:  # forward+backward passes this image needed
+                    records[j]["attack_passes"] = int(result.passes[k])
         if self.settings.quantize:
             advs = [a.round().clamp(0, 255) for a in advs]
         outputs, defended = self._defend_and_infer(vx, advs, [records[j] for j in valid])
@@ -230,48 +250,17 @@ class AdversarialInference(nn.Module):
             entries[j] = {"outputs": outputs[k], "record": records[j]}
         return entries
 
-    def _objective(self, xs: List[Dict]):
-        """The batch's objective: adaptive (through the defense) and mixed precision if set."""
-        s = self.settings
-        name = getattr(self.attack, "required_objective", None) or s.objective
-        objective = build_objective(name, self.adapter, xs, seed=s.seed, batched=len(xs) > 1)
-        if self.adaptive is not None:  # one image at a time (see forward)
-            objective = DefenseAwareObjective(
-                objective,
-                self.defenses[self.adaptive.defense],
-                input_format=s.input_format,
-                surrogate=self.adaptive.surrogate,
-                eot_samples=self.adaptive.eot_samples,
-                generator=np.random.default_rng(
-                    [image_seed(s.seed, xs[0].get("image_id")), _EOT_STREAM]
-                ),
-            )
-        if s.amp_dtype is not None:
-            objective = AutocastObjective(objective, self._device.type, s.amp_dtype)
-        return objective
-
-    def _attack(self, xs: List[Dict], images: List[torch.Tensor]):
-        """Attack a batch; returns per-image adversarial images, the batch's seconds and
-        adaptive-attack statistics."""
-        objective = self._objective(xs)
-        if hasattr(self.attack, "manual_seed"):  # random starts seeded per image too
-            self.attack.manual_seed([image_seed(self.settings.seed, x.get("image_id")) for x in xs])
-        batch = pad_stack(images)
+    def _produce(self, xs: List[Dict], images: List[torch.Tensor]):
+        """The step's images of a batch, their seconds (the step's own timing if it keeps one)
+        and its :class:`~upsnet_robust.threats.StepResult`."""
         device = self._device
         _sync(device)
         start = time.perf_counter()
         with torch.enable_grad():
-            adv = self.attack.perturb(batch, objective).detach()
+            result = self.step(xs, images)
         _sync(device)
-        seconds = time.perf_counter() - start
-        stats = {}
-        if self.adaptive is not None:
-            stats = {
-                "attack_defense_s": objective.stats["defense_s"],
-                "attack_defense_calls": objective.stats["defense_calls"],
-            }
-        advs = [adv[j, :, : im.shape[-2], : im.shape[-1]] for j, im in enumerate(images)]
-        return advs, seconds, stats
+        seconds = time.perf_counter() - start if result.seconds is None else result.seconds
+        return [im.detach() for im in result.images], seconds, result
 
     def _defended_images(self, name, transform, advs, records, futures):
         """One defense's images of the batch (from worker futures or in process), timed."""
@@ -323,16 +312,3 @@ class AdversarialInference(nn.Module):
         if self.output_keys is None:
             return outputs
         return [{k: o[k] for k in self.output_keys} for o in outputs]
-
-
-def pad_stack(images: List[torch.Tensor]) -> torch.Tensor:
-    """(3, h_i, w_i) images as one (N, 3, H, W) batch, zero-padded at the bottom/right to the
-    largest size (objectives crop each image back, so padding gets no gradient)."""
-    height = max(im.shape[-2] for im in images)
-    width = max(im.shape[-1] for im in images)
-    if all(im.shape[-2:] == (height, width) for im in images):
-        return torch.stack(images)
-    batch = images[0].new_zeros((len(images), 3, height, width))
-    for j, im in enumerate(images):
-        batch[j, :, : im.shape[-2], : im.shape[-1]] = im
-    return batch

@@ -27,8 +27,8 @@ All values are on the 0-100 scale of the headline metrics.
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional
 
+from ..utils.numbers import finite
 from .panoptic_stats import SIZE_BUCKETS, PanopticStats
-from .report.cells import finite
 
 __all__ = ["cell_breakdown", "panoptic_breakdown", "per_class_results"]
 

@@ -9,6 +9,13 @@ from typing import Dict, List, Sequence, Tuple
 __all__ = ["load_run", "comparison_markdown", "plot_comparison", "write_comparison"]
 
 
+def _reference(attack: str) -> bool:
+    """Whether cells named ``attack`` are the reference (clean) ones (their kind says so)."""
+    from ..threats import name_properties
+
+    return name_properties(str(attack)).reference
+
+
 def load_run(folder: str) -> Tuple[str, List[Dict]]:
     """(name, cells) of a finished sweep in ``folder``; the name is the config file's stem."""
     path = os.path.join(folder, "robustness.json")
@@ -39,12 +46,12 @@ def comparison_markdown(runs: Sequence[Tuple[str, List[Dict]]]) -> str:
     head = ["attack", "eps", "defense"] + [f"{n} ({metric[n]})" for n, _ in runs]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * len(runs)]
     lookup = [{_key(c): c for c in cells} for _, cells in runs]
-    for key in sorted(rows, key=lambda k: (k[0] != "clean", k[0], k[1], k[2] != "none", k[2])):
+    for key in sorted(rows, key=lambda k: (not _reference(k[0]), k[0], k[1], k[2] != "none", k[2])):
         values = []
         for table in lookup:
             v = _value(table[key]) if key in table else None
             values.append("-" if v is None else f"{v:.1f}")
-        eps = "clean" if key[0] == "clean" else f"{key[1]:g}"
+        eps = "clean" if _reference(key[0]) else f"{key[1]:g}"
         lines.append(f"| {key[0]} | {eps} | {key[2]} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -57,16 +64,17 @@ def plot_comparison(runs: Sequence[Tuple[str, List[Dict]]], path: str, attack: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = [c["attack"] for c in runs[0][1] if c["attack"] != "clean"] if runs else []
+    attacks = [c["attack"] for c in runs[0][1] if not _reference(c["attack"])] if runs else []
     attack = attack or (attacks[-1] if attacks else "")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (name, cells) in enumerate(runs):
         color = f"C{i}"
         for j, defense in enumerate(OrderedDict.fromkeys(c["defense"] for c in cells)):
             pts = sorted(
-                (0.0 if c["attack"] == "clean" else float(c["eps"]), _value(c))
+                (0.0 if _reference(c["attack"]) else float(c["eps"]), _value(c))
                 for c in cells
-                if c["defense"] == defense and c["attack"] in ("clean", attack) and _value(c) is not None
+                if c["defense"] == defense and (_reference(c["attack"]) or c["attack"] == attack)
+                and _value(c) is not None
             )
             if pts:
                 xs, ys = zip(*pts)

@@ -14,10 +14,9 @@ import torch
 
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["TASK_OUTPUT_KEYS", "compact_outputs", "expand_outputs", "semantic_labels"]
+from ..tasks import TASK_OUTPUT_KEYS  # the output key each task's evaluators read
 
-# The output key each task's evaluators read.
-TASK_OUTPUT_KEYS = {"panoptic_seg": "panoptic_seg", "sem_seg": "sem_seg", "instances": "instances"}
+__all__ = ["TASK_OUTPUT_KEYS", "compact_outputs", "expand_outputs", "semantic_labels"]
 
 
 def semantic_labels(sem_seg: torch.Tensor) -> torch.Tensor:

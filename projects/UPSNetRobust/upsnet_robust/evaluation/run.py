@@ -74,6 +74,18 @@ def _example_writer(cfg, output_dir, model):
     return write
 
 
+def _step_rules(cfg) -> str:
+    """Each configured attack's own step rule (``Attack.step_rule``), for the metadata."""
+    from ..attacks import ATTACK_REGISTRY
+
+    rules = [
+        f"{n}: {ATTACK_REGISTRY.get(n).step_rule}"
+        for n in dict.fromkeys(cfg.ROBUSTNESS.ATTACKS)
+        if n in ATTACK_REGISTRY and ATTACK_REGISTRY.get(n).step_rule
+    ]
+    return "; ".join(rules) or "-"
+
+
 def run_robustness_sweep(cfg, model, config_file: str = "", mapper=None):
     """Run or resume the sweep, then (main process) write the report into cfg.OUTPUT_DIR.
 
@@ -111,7 +123,7 @@ def run_robustness_sweep(cfg, model, config_file: str = "", mapper=None):
         "seed": cfg.ROBUSTNESS.SEED,
         "quantized": cfg.ROBUSTNESS.QUANTIZE,
         "eps_scale": "0-255 pixel values of INPUT.FORMAT, before mean subtraction",
-        "step_rule": "I-FGSM/ILLC: T = max(1, ceil(min(eps + 4, 1.25 eps))), alpha = 1",
+        "step_rule": _step_rules(cfg),
         "torch": torch.__version__,
         "detectron2": detectron2.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -1,18 +1,17 @@
 # Copyright (c) UPSNetRobust authors.
-"""The robustness sweep: attacks x eps x defenses, plus clean cells, with resume.
+"""The robustness sweep: threat passes x defenses, plus clean cells, with resume.
 
-Each *pass* (clean, or one attack at one eps) computes its adversarial images once and scores
-them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense). With
-``ROBUSTNESS.ADAPTIVE``, each attack x eps also gets one *adaptive pass* per defense other than
-"none": the attack runs against ``model o defense`` (BPDA with ``ROBUSTNESS.BPDA_SURROGATE``, EOT
-with ``ROBUSTNESS.EOT_SAMPLES`` masks for TVM) and its images are scored with that defense only
-(one cell, ``"adaptive": true``). The ensembles ``sea`` and ``sea_fast`` run one member pass per
-member of ``ROBUSTNESS.SEA`` and then select, per image, the member that lowers the data set's
-metric most (:mod:`.sweep_passes`, :mod:`.ensemble`). Finished images are
-cached per pass, finished passes store their cells; both live under a directory keyed by a
-fingerprint of the model config and the checkpoint's bytes, and each pass's directory by a hash
-of its attack, objective, defense and data settings, so a changed config or checkpoint never
-reuses stale work while unrelated additions (a new eps) keep what is done.
+The passes come from the registered threat kinds (:mod:`upsnet_robust.threats`): clean, every
+attack x eps (plus, with ``ROBUSTNESS.ADAPTIVE``, one adaptive pass per defense other than
+"none", whose images are scored with that defense only), the ``sea`` ensembles, and any kind a
+plug-in registers. Each pass computes its images once through its kind's image step and scores
+them under every defense of ``ROBUSTNESS.DEFENSES`` (one cell per defense); a combining kind
+(an ensemble) computes its cells from its member passes' stored per-image statistics. Finished
+images are cached per pass, finished passes store their cells; both live under a directory keyed
+by a fingerprint of the model config and the checkpoint's bytes, and each pass's directory by a
+hash of its kind's cache key (for an attack: every argument it is built with), objective,
+defenses, seed, data and precision, so a changed setting never reuses stale work while unrelated
+additions (a new eps) keep what is done.
 """
 import hashlib
 import json
@@ -26,32 +25,30 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 
 from ..adapters.base import build_adapter
-from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
 from ..defenses.bpda import describe_surrogates, eot_samples_for
 from ..defenses.workers import DefenseWorkers
+from ..threats import StepContext, ThreatSpec, check_threats, expand_threats, kinds, threat_kind
 from ..utils.io import atomic_json
 from .adversarial_inference import AdversarialInference
 from .breakdown import cell_breakdown
-from .checks import check_dataset_registered, check_early_stop, check_ensembles, check_sweep_attacks
+from .checks import check_dataset_registered, check_early_stop
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
-from .hook_settings import amp_dtype
+from .hook_settings import AdaptiveSettings, amp_dtype
 from .panoptic_stats import save_image_stats
+from .report.cells import ResultCell
 from .robust_mapper import RobustMapper, objective_needs_segments
-from .sea_cells import STATS_FILES, ensemble_cells, save_selection
 from .semantic_stats import save_confusion_stats
-from .sweep_passes import (
-    CLEAN,
-    ENSEMBLES,
-    adaptive_defense_names,
-    member_tag,
-    spec_cfg,
-    sweep_passes,
-)
 
-__all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]  # sweep_passes: re-exported
+__all__ = ["RobustnessSweep", "sweep_passes", "fingerprint"]
 
 logger = logging.getLogger(__name__)
+
+
+def sweep_passes(cfg) -> List[ThreatSpec]:
+    """The passes of a sweep, in order (:func:`upsnet_robust.threats.expand_threats`)."""
+    return expand_threats(cfg)
+
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -103,10 +100,8 @@ class RobustnessSweep:
         check_dataset_registered(self.dataset_name)
         self.adapter = adapter if adapter is not None else build_adapter(cfg, model)
         self.task = self.adapter.task
-        check_sweep_attacks(
-            self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE, (CLEAN, *ENSEMBLES)
-        )
-        check_ensembles(self.adapter, cfg)  # members, their steps and the model's task
+        self.passes = expand_threats(cfg)  # the one expansion (shared with Trainer, transfer)
+        check_threats(cfg, self.adapter, self.passes)  # each kind checks its own passes
         check_early_stop(cfg)
         self.output_dir = output_dir
         self.on_example = on_example
@@ -122,15 +117,23 @@ class RobustnessSweep:
             (d, None if d == "none" else build_defense_from_cfg(cfg, d)) for d in self.defense_names
         )
         # Fail now, not after hours of passes, on a bad surrogate choice or evaluator.
-        for d in adaptive_defense_names(cfg):
+        for d in OrderedDict.fromkeys(p.adaptive for p in self.passes if p.adaptive):
             self._adaptive_settings(d)
         self._evaluator()
+        self._data_digest = None
 
     # ------------------------------------------------------------------ data
     def _dataset(self) -> List[Dict]:
         dicts = DatasetCatalog.get(self.dataset_name)
         n = self.cfg.ROBUSTNESS.MAX_IMAGES
         return dicts[:n] if n > 0 else dicts
+
+    def _data_key(self) -> str:
+        """A hash of the scored images' names (which images a pass covers)."""
+        if self._data_digest is None:
+            names = [(str(d.get("file_name")), str(d.get("image_id"))) for d in self._dataset()]
+            self._data_digest = _sha(json.dumps(names).encode())[:16]
+        return self._data_digest
 
     def _loader(self, objective: Optional[str] = None):
         """The test images through the model's mapper, plus the ground truth ``objective``
@@ -148,10 +151,22 @@ class RobustnessSweep:
         )
 
     # ------------------------------------------------------------------ passes
-    def _attack(self, spec: Dict):
-        if spec["attack"] == CLEAN:
-            return None
-        return build_attack(spec_cfg(self.cfg, spec), spec["attack"], spec["eps"])
+    def _context(self, spec: ThreatSpec, pass_dir: Optional[str] = None) -> StepContext:
+        cfg = spec.cfg(self.cfg)
+        adaptive = AdaptiveSettings.from_config(cfg, spec.adaptive) if spec.adaptive else None
+        return StepContext(cfg, self.adapter, self._pass_defenses(spec), adaptive,
+                           self.adapter.device, pass_dir)  # fmt: skip
+
+    def _step(self, spec: ThreatSpec, pass_dir: Optional[str] = None):
+        """The pass's image step, built by its kind (None: clean images)."""
+        return threat_kind(spec.kind).image_step(spec, self._context(spec, pass_dir))
+
+    def _attack(self, spec: ThreatSpec):  # the older name of _step
+        return self._step(spec)
+
+    def _pass_defenses(self, spec: ThreatSpec) -> "OrderedDict":
+        names = [spec.adaptive] if spec.adaptive else self.defense_names
+        return OrderedDict((d, self.defenses[d]) for d in names)
 
     def _adaptive_settings(self, defense: str) -> Dict:
         """Surrogate description and EOT samples of an adaptive pass against ``defense``."""
@@ -163,34 +178,30 @@ class RobustnessSweep:
             "eot_samples": eot_samples_for(transform, r.EOT_SAMPLES),
         }
 
-    def _pass_key(self, spec: Dict, attack) -> str:
+    def _pass_key(self, spec: ThreatSpec, attack=None) -> str:
+        """The pass's cache directory name: its kind's tag and a hash of its kind's cache key
+        (``attack``: unused, kept for older callers) plus the settings every pass shares."""
         r = self.cfg.ROBUSTNESS
-        adaptive = spec.get("adaptive")
+        kind = threat_kind(spec.kind)
         desc = {
-            "attack": attack.describe() if attack is not None else CLEAN,
-            "objective": self._objective(attack, spec),
+            "kind": spec.kind,
+            "threat": kind.cache_key(spec.cfg(self.cfg), spec),
+            "objective": spec.objective,
             "quantize": r.QUANTIZE,
             "seed": r.SEED,
+            "amp": r.AMP,
             "defenses": self.defense_names,
             "defense_cfg": self.cfg.DEFENSE.dump(),
             "images": r.MAX_IMAGES,
+            "data": self._data_key(),
         }
-        if r.AMP:  # only when on: full-precision passes keep their earlier keys (and caches)
-            desc["amp"] = r.AMP
-        if adaptive:
-            # Only adaptive passes carry these keys: defense-unaware passes keep their old keys
-            # (and caches). EOT masks derive from the seed, part of desc already.
+        adaptive = spec.adaptive
+        if adaptive:  # the defense the attack sees, with its surrogate and EOT samples
             desc["defenses"] = [adaptive]
             desc["adaptive"] = self._adaptive_settings(adaptive)
         digest = _sha(json.dumps(desc, sort_keys=True, default=str).encode())[:10]
         tag = f"_adaptive-{_safe(adaptive)}" if adaptive else ""
-        return f"{spec['attack']}_eps{spec['eps']:g}{tag}_{digest}"
-
-    def _objective(self, attack, spec: Optional[Dict] = None) -> Optional[str]:
-        if attack is None:
-            return None
-        objective = spec_cfg(self.cfg, spec or {}).ROBUSTNESS.OBJECTIVE  # a member's own
-        return getattr(attack, "required_objective", None) or objective
+        return f"{_safe(kind.tag(spec))}{tag}_{digest}"
 
     def _evaluator(self):
         """The task's evaluator on the test set (COCO-format conversions cached once)."""
@@ -209,89 +220,104 @@ class RobustnessSweep:
                 self._defense_workers.close()
                 self._defense_workers = None
 
+    def _stats_file(self, spec: ThreatSpec) -> Optional[str]:
+        """The per-image statistics file a combining kind reads from its members' passes."""
+        return getattr(threat_kind(spec.kind), "stats_files", {}).get(self.task)
+
     def _run_passes(self) -> List[Dict]:
-        passes = sweep_passes(self.cfg)
-        keys = [None if p.get("ensemble") else self._pass_key(p, self._attack(p)) for p in passes]
-        # passes whose per-image statistics an ensemble reads (a plain pass may be one too)
-        member_keys = {k for p, k in zip(passes, keys) if p.get("member_of")}
+        passes = self.passes
+        combining = {k.name for k in kinds() if k.combines}
+        keys = [None if p.kind in combining else self._pass_key(p) for p in passes]
+        # passes whose per-image statistics a combining kind reads (a plain pass may be one too)
+        needs = {}
+        for p in passes:
+            for m in p.members if p.kind in combining else ():
+                needs[self._pass_key(m)] = self._stats_file(p)
         cells, by_key = [], {}
         for index, (spec, key) in enumerate(zip(passes, keys)):
-            label = f"[{index + 1}/{len(passes)}] {key or spec['attack']}"
-            if spec.get("ensemble"):
-                cells += self._ensemble_cells(spec, by_key, label)
+            label = f"[{index + 1}/{len(passes)}] {key or spec.name}"
+            if spec.kind in combining:
+                cells += self._combined_cells(spec, by_key, label)
                 continue
             if key in by_key:  # equal to a pass listed before (same key): its cells serve both
                 for c in by_key[key]:
-                    both = c.get("member_of", []) + spec.get("member_of", [])
+                    both = c.get("member_of", []) + list(spec.member_of)
                     if both:
                         c["member_of"] = list(dict.fromkeys(both))
                 continue
-            pass_cells = self._load_or_run(spec, key, label, key in member_keys)
-            if spec.get("member_of"):
-                pass_cells = [dict(c, member_of=list(spec["member_of"])) for c in pass_cells]
+            pass_cells = self._load_or_run(spec, key, label, needs.get(key))
+            if spec.member_of:
+                pass_cells = [dict(c, member_of=list(spec.member_of)) for c in pass_cells]
             by_key[key] = pass_cells
             cells += pass_cells
         return cells
 
-    def _load_or_run(self, spec: Dict, key: str, label: str, needs_stats: bool) -> List[Dict]:
+    def _load_or_run(self, spec, key: str, label: str, stats: Optional[str]) -> List[Dict]:
         """A pass's cells: stored ones, else run (or resumed) and stored. A member pass stored
-        without per-image statistics (before they existed) is re-scored from its cached images."""
+        without per-image statistics (``stats``, before they existed) is re-scored from its
+        cached images."""
         pass_dir = os.path.join(self.cache_root, key)
         done = os.path.join(pass_dir, "cells.json")
-        stats = STATS_FILES.get(self.task)
-        lacks = needs_stats and stats and not os.path.isfile(os.path.join(pass_dir, stats))
+        lacks = bool(stats) and not os.path.isfile(os.path.join(pass_dir, stats))
         if os.path.isfile(done) and not lacks:
             logger.info("%s: finished earlier, loading %s", label, done)
             with open(done) as f:
                 return json.load(f)
         logger.info("%s: %s", label, "re-scoring for per-image statistics" if lacks else "running")
-        pass_cells = self._run_pass(spec, self._attack(spec), pass_dir)
+        pass_cells = self._run_pass(spec, pass_dir)
         if comm.is_main_process():
             atomic_json(done, pass_cells)
         comm.synchronize()
         return pass_cells
 
-    def _ensemble_cells(self, spec: Dict, by_key: Dict, label: str) -> List[Dict]:
-        """The ensemble's cells (main process), selected from its member passes' stored
-        per-image statistics; the selection is kept in its own directory for inspection."""
+    def _combined_cells(self, spec: ThreatSpec, by_key: Dict, label: str) -> List[Dict]:
+        """A combining kind's cells (main process), from its member passes' stored per-image
+        statistics; what it selected is kept in its own directory for inspection."""
         if not comm.is_main_process():
             return []
         members, keys = [], []
-        for member in spec["members"]:
-            key = self._pass_key(member, self._attack(member))
+        for member in spec.members:
+            key = self._pass_key(member)
             keys.append(key)
             members.append((member, os.path.join(self.cache_root, key), by_key[key]))
-        cells, selections = ensemble_cells(spec, members, self.task)
-        digest = _sha(json.dumps(keys).encode())[:10]
-        directory = os.path.join(self.cache_root, f"{spec['attack']}_eps{spec['eps']:g}_{digest}")
-        save_selection(directory, self.task, selections)
-        logger.info("%s: worst case over %d members, kept in %s", label, len(members), directory)
+        kind = threat_kind(spec.kind)
+        digest = _sha(json.dumps([kind.cache_key(self.cfg, spec), keys]).encode())[:10]
+        directory = os.path.join(self.cache_root, f"{_safe(kind.tag(spec))}_{digest}")
+        cells = kind.combine(spec, members, self.task, directory)
+        cells = [ResultCell.from_dict(c).to_dict() for c in cells]  # typed: fails on a bad field
+        logger.info("%s: combined %d member passes, kept in %s", label, len(members), directory)
         return cells
 
-    def _run_pass(self, spec: Dict, attack, pass_dir: str) -> List[Dict]:
-        adaptive = spec.get("adaptive")
-        defense_names = [adaptive] if adaptive else self.defense_names
+    def _run_pass(self, spec: ThreatSpec, pass_dir: str) -> List[Dict]:
+        defenses = self._pass_defenses(spec)
+        context = self._context(spec, pass_dir)
+        cfg = context.cfg
+        kind = threat_kind(spec.kind)
+        kind.prepare(cfg, spec, context, pass_dir)
+        step = self._step(spec, pass_dir)
         wrapper = AdversarialInference(
-            spec_cfg(self.cfg, spec),
+            cfg,
             self.adapter,
-            attack,
-            OrderedDict((d, self.defenses[d]) for d in defense_names),
-            adaptive_defense=adaptive,
+            step,
+            defenses,
+            adaptive_defense=spec.adaptive,
             cache_dir=pass_dir,
-            on_image=self._example_hook(spec),
+            on_image=self._example_hook(spec, step),
             defense_workers=self._defense_workers,
             output_keys=(self.task,),  # what the evaluators (and the example grids) read
         )
-        evaluator = MultiVariantEvaluator({d: self._evaluator() for d in defense_names})
-        loader = self._loader(self._objective(attack, spec))
-        results = inference_on_dataset(wrapper, loader, evaluator)
+        evaluator = MultiVariantEvaluator({d: self._evaluator() for d in defenses})
+        needs_objective = step is not None and step.needs_objective
+        results = inference_on_dataset(
+            wrapper, self._loader(spec.objective if needs_objective else None), evaluator
+        )
         records = [rec for part in comm.all_gather(wrapper.records) for rec in part]
         if not comm.is_main_process():
             return []
         # per-image PQ sums of each defense (panoptic tasks): kept beside the pass's cells
         stats = {
             d: results[d].pop("panoptic_stats")
-            for d in defense_names
+            for d in defenses
             if "panoptic_stats" in (results.get(d) or {})
         }
         if stats:
@@ -299,22 +325,19 @@ class RobustnessSweep:
         # per-image confusion matrices of each defense (semantic tasks), likewise
         confusion = {
             d: results[d].pop("sem_seg_stats")
-            for d in defense_names
+            for d in defenses
             if "sem_seg_stats" in (results.get(d) or {})
         }
         if confusion:
             save_confusion_stats(pass_dir, confusion)
-        return self._cells(spec, attack, results, records, stats)
+        return self._cells(spec, step, results, records, stats)
 
-    def _example_hook(self, spec: Dict):
-        if self.on_example is None or spec["attack"] == CLEAN or not comm.is_main_process():
+    def _example_hook(self, spec: ThreatSpec, step):
+        if self.on_example is None or step is None or not comm.is_main_process():
             return None
         budget = {"left": self.cfg.ROBUSTNESS.NUM_EXAMPLES}
-        if spec.get("adaptive"):
-            # A distinct name for the adaptive pass's grids (writers name files by attack, eps).
-            spec = dict(spec, attack=f"{spec['attack']}-adaptive-{_safe(spec['adaptive'])}")
-        elif spec.get("member_of"):  # a member's grids, apart from a plain pass of its attack
-            spec = dict(spec, attack=member_tag(spec))
+        # a distinct name per pass for the grids (writers name files by attack, eps)
+        spec = spec.replace(name=_safe(threat_kind(spec.kind).example_name(spec)))
 
         def hook(x, clean, adv, defended, outputs):
             if budget["left"] > 0:
@@ -323,30 +346,23 @@ class RobustnessSweep:
 
         return hook
 
-    def _cells(self, spec, attack, results, records, stats=None) -> List[Dict]:
-        """One cell per scored defense; ``stats``: the pass's per-image PQ sums per defense
-        (panoptic), from which each cell's ``breakdown`` is built."""
+    def _cells(self, spec: ThreatSpec, step, results, records, stats=None) -> List[Dict]:
+        """One cell per scored defense: the kind's fields, then metrics, times and counts;
+        ``stats``: the pass's per-image PQ sums per defense, for each cell's ``breakdown``."""
         ok = [rec for rec in records if rec["failure"] is None]
-        desc = attack.describe() if attack is not None else {}
-        adaptive = spec.get("adaptive")
+        fields = threat_kind(spec.kind).cell_fields(spec, step)
+        threat = fields.pop("threat", None)
         cells = []
-        for d in [adaptive] if adaptive else self.defense_names:
-            metrics = headline_results(self.task, results.get(d, {}))
+        for d in self._pass_defenses(spec):
             cell = {
                 "model": self.adapter.meta_architecture,
                 "task": self.task,
                 "metric": self.adapter.headline_metric,
-                "attack": spec["attack"],
-                "objective": self._objective(attack, spec),
-                "eps": spec["eps"],
-                "num_steps": int(desc.get("num_steps", 0) or 0),
-                "step_size": float(desc.get("step_size", 0.0) or 0.0),
-                "random_start": bool(desc.get("random_start", False)),
-                "restarts": int(desc.get("restarts", 1) or 1),
+                **fields,
                 "defense": d,
-                "adaptive": bool(adaptive),
+                "adaptive": bool(spec.adaptive),
                 "quantized": bool(self.cfg.ROBUSTNESS.QUANTIZE),
-                **metrics,
+                **headline_results(self.task, results.get(d, {})),
                 "attack_s_per_image": _mean([rec["attack_s"] for rec in ok]),
                 # forward+backward passes per image (fewer than the steps with early stopping)
                 "attack_passes_per_image": _mean([rec.get("attack_passes", 0) for rec in ok]),
@@ -359,8 +375,8 @@ class RobustnessSweep:
                     if rec["failure"] is not None
                 ],
             }
-            if adaptive:
-                settings = self._adaptive_settings(adaptive)
+            if spec.adaptive:
+                settings = self._adaptive_settings(spec.adaptive)
                 cell["surrogate"] = settings["surrogate"]
                 cell["eot_samples"] = settings["eot_samples"]
                 # seconds of real defense forwards inside the attack (included in attack_s)
@@ -370,7 +386,9 @@ class RobustnessSweep:
             breakdown = cell_breakdown(self.task, results.get(d), (stats or {}).get(d))
             if breakdown is not None:
                 cell["breakdown"] = breakdown
-            cells.append(cell)
+            if threat is not None:
+                cell["threat"] = threat
+            cells.append(ResultCell.from_dict(cell).to_dict())  # typed: fails on a bad field
         return cells
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,12 +26,12 @@ from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.utils import comm
 
 from ..adapters.base import build_adapter
-from ..attacks import build_attack
 from ..defenses import build_defense_from_cfg
+from ..threats import StepContext, ThreatSpec, check_threats, expand_threats, threat_kind
 from ..utils.io import atomic_json
 from ..utils.torch_io import atomic_torch_save
 from .adversarial_inference import AdversarialInference
-from .checks import check_dataset_registered, check_early_stop, check_sweep_attacks, objective_for
+from .checks import check_dataset_registered, check_early_stop
 from .evaluators import MultiVariantEvaluator, build_task_evaluator, headline_results
 from .hook_settings import HookSettings
 from .robust_mapper import RobustMapper, objective_needs_segments
@@ -65,7 +65,11 @@ class TransferModel:
         self.dataset_name = cfg.DATASETS.TEST[0]
         check_dataset_registered(self.dataset_name)
         self.adapter = build_adapter(cfg, model)
-        check_sweep_attacks(self.adapter, cfg.ROBUSTNESS.ATTACKS, cfg.ROBUSTNESS.OBJECTIVE)
+        # the sweep's expansion, without clean, adaptive and sweep-only (ensemble) passes
+        self.specs = expand_threats(
+            cfg, include_clean=False, include_adaptive=False, combining=False
+        )
+        check_threats(cfg, self.adapter, self.specs)
         check_early_stop(cfg)
         self.mapper = mapper or self.adapter.test_mapper(cfg) or DatasetMapper(cfg, is_train=False)
         self.fingerprint = fingerprint(cfg, cfg.MODEL.WEIGHTS)
@@ -81,9 +85,8 @@ class TransferModel:
         n = self.cfg.ROBUSTNESS.MAX_IMAGES
         return dicts[:n] if n > 0 else dicts
 
-    def passes(self) -> List[Dict]:
-        r = self.cfg.ROBUSTNESS
-        return [{"attack": a, "eps": float(e)} for a in r.ATTACKS for e in r.EPSILONS]
+    def passes(self) -> List[ThreatSpec]:
+        return list(self.specs)
 
 
 class _StoredImageMapper:
@@ -129,15 +132,16 @@ class TransferStudy:
                 )
 
     # ------------------------------------------------------------------ crafting
-    def _adv_folder(self, source: TransferModel, spec: Dict) -> str:
+    def _adv_folder(self, source: TransferModel, spec: ThreatSpec) -> str:
         r = source.cfg.ROBUSTNESS
-        attack = build_attack(source.cfg, spec["attack"], spec["eps"])
-        desc = {"attack": attack.describe(), "objective": objective_for(spec["attack"], r.OBJECTIVE),
-                "seed": r.SEED, "quantize": r.QUANTIZE, "amp": r.AMP}  # fmt: skip
-        tag = f"{spec['attack']}_eps{spec['eps']:g}_{_digest(desc)}"
+        kind = threat_kind(spec.kind)
+        desc = {"kind": spec.kind, "threat": kind.cache_key(spec.cfg(source.cfg), spec),
+                "objective": spec.objective, "seed": r.SEED, "quantize": r.QUANTIZE,
+                "amp": r.AMP, "images": r.MAX_IMAGES}  # fmt: skip
+        tag = f"{kind.tag(spec)}_{_digest(desc)}"
         return os.path.join(self.output_dir, "adversarial", f"{source.name}_{source.fingerprint}", tag)
 
-    def craft(self, source: TransferModel, spec: Dict) -> str:
+    def craft(self, source: TransferModel, spec: ThreatSpec) -> str:
         """Store the source's adversarial images of one pass (those not stored yet)."""
         folder = self._adv_folder(source, spec)
         os.makedirs(folder, exist_ok=True)
@@ -145,20 +149,25 @@ class TransferStudy:
         comm.synchronize()  # every rank lists the same images before any writes one
         if todo:
             r = source.cfg.ROBUSTNESS
-            logger.info("Crafting %s eps %g on %s: %d image(s)", spec["attack"], spec["eps"], source.name, len(todo))
+            logger.info("Crafting %s eps %g on %s: %d image(s)", spec.name, spec.eps, source.name, len(todo))
 
             def save(x, clean, adv, defended, outputs):
                 atomic_torch_save(os.path.join(folder, image_key(x) + ".pt"), adv.detach().cpu())
 
-            attack = build_attack(source.cfg, spec["attack"], spec["eps"])
+            cfg = spec.cfg(source.cfg)
+            context = StepContext(cfg, source.adapter, {"none": None}, None,
+                                  source.adapter.device, folder)  # fmt: skip
+            threat_kind(spec.kind).prepare(cfg, spec, context, folder)
+            step = threat_kind(spec.kind).image_step(spec, context)
             hook = AdversarialInference(
-                source.cfg, source.adapter, attack, on_image=save,
-                output_keys=(source.adapter.task,),
+                cfg, source.adapter, step, on_image=save, output_keys=(source.adapter.task,),
             )  # fmt: skip
+            objective = spec.objective if step is not None and step.needs_objective else None
             loader = build_detection_test_loader(
                 todo,
                 mapper=RobustMapper(
-                    source.mapper, panoptic_segments=objective_needs_segments(r.OBJECTIVE)
+                    source.mapper,
+                    panoptic_segments=bool(objective) and objective_needs_segments(objective),
                 ),
                 batch_size=r.BATCH_SIZE,
                 num_workers=0,
@@ -168,7 +177,7 @@ class TransferStudy:
         return folder
 
     # ------------------------------------------------------------------ scoring
-    def score(self, source, spec: Dict, target: TransferModel, folder) -> List[Dict]:
+    def score(self, source, spec: Optional[ThreatSpec], target: TransferModel, folder) -> List[Dict]:
         """Entries of one (source pass, target): the stored images (or the clean ones, when
         ``source`` is None) under each of the target's defenses."""
         r = target.cfg.ROBUSTNESS
@@ -205,9 +214,9 @@ class TransferStudy:
                 entries.append({
                     "source": source.name if source else CLEAN,
                     "target": target.name,
-                    "attack": spec["attack"] if source else CLEAN,
-                    "objective": objective_for(spec["attack"], source.cfg.ROBUSTNESS.OBJECTIVE) if source else None,
-                    "eps": spec["eps"] if source else 0.0,
+                    "attack": spec.name if source else CLEAN,
+                    "objective": spec.objective if source else None,
+                    "eps": spec.eps if source else 0.0,
                     "defense": d,
                     "task": target.adapter.task,
                     "metric": target.adapter.headline_metric,
@@ -223,7 +232,7 @@ class TransferStudy:
     def run(self) -> List[Dict]:
         entries = []
         for target in self.models:
-            entries += self.score(None, {}, target, None)
+            entries += self.score(None, None, target, None)
         for source in self.models:
             for spec in source.passes():
                 folder = self.craft(source, spec)

@@ -17,6 +17,13 @@ __all__ = ["transfer_checks", "write_transfer_report", "TRANSFER_TOLERANCE"]
 TRANSFER_TOLERANCE = 0.5
 
 
+def _reference(entry: Dict) -> bool:
+    """A clean (reference) entry: its ``attack`` is served by the reference kind."""
+    from ..threats import name_properties
+
+    return name_properties(str(entry["attack"])).reference
+
+
 def _value(e: Dict) -> Optional[float]:
     v = e.get(e.get("metric", "PQ"))
     return None if v is None else float(v)
@@ -62,9 +69,9 @@ def _markdown(entries: Sequence[Dict], checks: Sequence[Dict], metadata: Dict) -
               + "). The diagonal is each model's own white-box result; `clean` is the clean score.", ""]  # fmt: skip
     groups = OrderedDict()
     for e in entries:
-        if e["source"] != "clean":
+        if not _reference(e):
             groups.setdefault((e["attack"], e["eps"], e["defense"]), []).append(e)
-    clean = {(e["target"], e["defense"]): e for e in entries if e["source"] == "clean"}
+    clean = {(e["target"], e["defense"]): e for e in entries if _reference(e)}
     for (attack, eps, defense), group in groups.items():
         lines += [f"## {attack}, eps {eps:g}, defense {defense}", ""]
         lines += ["| source \\ target | " + " | ".join(targets) + " |",
@@ -72,7 +79,7 @@ def _markdown(entries: Sequence[Dict], checks: Sequence[Dict], metadata: Dict) -
         row = [_fmt(_value(clean[(t, defense)])) if (t, defense) in clean else "-" for t in targets]
         lines.append("| clean | " + " | ".join(row) + " |")
         for s in sources:
-            if s == "clean":
+            if all(_reference(e) for e in entries if e["source"] == s):
                 continue
             cells = {e["target"]: e for e in group if e["source"] == s}
             if not cells:
@@ -95,9 +102,9 @@ def _heatmap(entries: Sequence[Dict], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    attacked = [e for e in entries if e["source"] != "clean" and e["defense"] == "none"]
+    attacked = [e for e in entries if not _reference(e) and e["defense"] == "none"]
     if not attacked:
-        attacked = [e for e in entries if e["source"] != "clean"]
+        attacked = [e for e in entries if not _reference(e)]
     groups = OrderedDict()
     for e in attacked:
         groups.setdefault((e["attack"], e["eps"]), []).append(e)

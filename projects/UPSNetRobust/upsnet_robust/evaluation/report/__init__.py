@@ -43,7 +43,7 @@ from .cells import (
     report_kind,
     split_by_model_task,
 )
-from .checks import CHECKS, METRIC_TOLERANCE, PQ_TOLERANCE, SINGLE_STEP_ATTACKS, sanity_checks
+from .checks import CHECKS, METRIC_TOLERANCE, PQ_TOLERANCE, sanity_checks
 from .breakdowns import per_class_drops, size_series, worst_case_curve
 from .markdown import THREAT_MODEL, markdown_report
 from .plots import (
@@ -69,7 +69,6 @@ __all__ = [
     "METRIC_TOLERANCE",
     "PQ_TOLERANCE",
     "REPORT_FILES",
-    "SINGLE_STEP_ATTACKS",
     "TABLE_METRICS",
     "TASKS",
     "TASK_METRICS",

@@ -72,7 +72,7 @@ def worst_case_curve(cells: Sequence[ResultCell]) -> "OrderedDict":
     that defense with the lowest headline metric, over every attack, objective, step count and
     adaptive setting. Defenses in order of appearance; eps where a defense has no scored cell
     are left out of its curve."""
-    attacked = [c for c in cell_order(cells) if not c.is_clean and c.score is not None]
+    attacked = [c for c in cell_order(cells) if c.is_adversarial and c.score is not None]
     out = OrderedDict()
     for d in unique(c.defense_name for c in cell_order(cells)):
         mine = [c for c in attacked if c.defense_name == d]

@@ -13,10 +13,12 @@ panoptic; one without ``metric`` uses its task's headline (:data:`HEADLINE_METRI
 """
 
 import dataclasses
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
+
+from ...tasks import HEADLINE_METRICS, TABLE_METRICS, TASK_METRICS, TASKS  # one place
+from ...utils.numbers import finite  # noqa: F401  (re-exported)
 
 __all__ = [
     "CLEAN",
@@ -41,37 +43,9 @@ CLEAN = "clean"  # ``attack`` of a clean (unattacked) cell; its eps is 0
 UNDEFENDED = "none"  # ``defense`` of an undefended cell
 DEFAULT_TASK = "panoptic_seg"
 
-# Metric keys of each task, as detectron2's evaluators name them.
-TASK_METRICS = OrderedDict(
-    [
-        ("panoptic_seg", ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")),
-        ("sem_seg", ("mIoU", "fwIoU", "mACC", "pACC")),
-        ("instances", ("AP", "AP50", "AP75", "APs", "APm", "APl")),
-    ]
-)
-TASKS = tuple(TASK_METRICS)
 METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
-# The metric a task is judged by when a cell does not name one.
-HEADLINE_METRICS = {"panoptic_seg": "PQ", "sem_seg": "mIoU", "instances": "AP"}
-# The columns of the compact terminal table.
-TABLE_METRICS = {
-    "panoptic_seg": ("PQ", "SQ", "RQ"),
-    "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC"),
-    "instances": ("AP", "AP50", "AP75"),
-}
 
 CellLike = Union["ResultCell", Mapping[str, Any]]
-
-
-def finite(value) -> Optional[float]:
-    """A finite float, or None for missing / non-numeric / boolean / NaN / inf values."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -126,6 +100,11 @@ class ResultCell:
     # size / things-stuff / per-class split of the metrics (evaluation.breakdown); None in
     # cells from sweeps that predate it, which report it as n/a
     breakdown: Optional[Dict[str, Any]] = None
+    # the threat kind and the properties the checks and texts read (upsnet_robust.threats);
+    # None in cells of older sweeps, whose properties come from their attack's registered kind
+    threat: Optional[Dict[str, Any]] = None
+    corruption: Optional[str] = None  # a natural corruption's name (corruption cells)
+    severity: Optional[int] = None  # its severity
     extra: Dict[str, Any] = field(default_factory=dict)  # keys this class does not know
 
     def __post_init__(self):
@@ -211,8 +190,24 @@ class ResultCell:
         return self.value(self.metric)
 
     @property
+    def properties(self):
+        """The cell's :class:`~upsnet_robust.threats.ThreatProperties` (its ``threat`` record,
+        else those of the kind serving its ``attack``)."""
+        from ...threats import cell_properties
+
+        return cell_properties(self)
+
+    @property
+    def is_adversarial(self) -> bool:
+        """An L-inf adversary's cell (an attack or an ensemble at some eps): the cells that
+        worst cases, rankings and the eps checks compare (not clean, not corruptions)."""
+        props = self.properties
+        return props.eps_bounded and not props.reference
+
+    @property
     def is_clean(self) -> bool:
-        return self.attack == CLEAN
+        """The reference cell (the clean kind's)."""
+        return self.properties.reference
 
     @property
     def defense_name(self) -> str:

@@ -24,11 +24,9 @@ from .cells import CellLike, ResultCell, as_cells, finite, report_kind
 
 __all__ = [
     "CHECKS",
-    "ENSEMBLE_ATTACKS",
     "ENSEMBLE_TOLERANCE",
     "METRIC_TOLERANCE",
     "PQ_TOLERANCE",
-    "SINGLE_STEP_ATTACKS",
     "check_adaptive_vs_transfer",
     "check_apgd_vs_pgd",
     "check_ensemble_vs_members",
@@ -45,10 +43,6 @@ __all__ = [
 METRIC_TOLERANCE = 0.5
 PQ_TOLERANCE = METRIC_TOLERANCE  # the name from the panoptic-only report
 
-# Attacks that take one gradient step; every other non-clean attack counts as iterative.
-SINGLE_STEP_ATTACKS = ("fgsm",)
-# Worst cases over several attacks (per image); their cells list their ``members``.
-ENSEMBLE_ATTACKS = ("sea", "sea_fast")
 # Absolute tolerance of ensemble_vs_members (rounding only; see that check).
 ENSEMBLE_TOLERANCE = 0.01
 
@@ -71,7 +65,8 @@ def _scored(cells: Sequence[CellLike]) -> Tuple[List[ResultCell], _Scored]:
     for c in cells:
         if c.is_clean and c.score is not None:
             clean.setdefault(c.defense_name, []).append(c)
-    attacked = [c for c in cells if not c.is_clean and c.score is not None]
+    # the perturbed cells of an L-inf budget (corruption cells have their own checks)
+    attacked = [c for c in cells if c.is_adversarial and c.score is not None]
     return cells, _Scored(metric, clean, attacked)
 
 
@@ -152,28 +147,30 @@ def check_monotone_eps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE)
 def check_iterative_vs_single_step(
     cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
 ) -> List[Dict]:
-    """``iterative_vs_single_step``, per (objective, eps, defense, adaptive) with both an "fgsm"
-    cell and an iterative attack ("ifgsm", "pgd", "mifgsm", ...: every non-clean attack not in
-    :data:`SINGLE_STEP_ATTACKS`): ``score_iterative <= score_fgsm + tol``. Keyed by objective,
-    so ILLC (least-likely targets) is not held against FGSM on the training loss."""
+    """``iterative_vs_single_step``, per (objective, eps, defense, adaptive) with both a
+    single-step cell (an attack declaring ``single_step``, e.g. FGSM) and an iterative one (a
+    cell whose threat is ``iterative``: I-FGSM, PGD, an ensemble, ...):
+    ``score_iterative <= score_single_step + tol``. Keyed by objective, so a targeted attack
+    (ILLC) is not held against FGSM on the training loss."""
     _, s = _scored(cells)
     checks = []
     settings = _group(
         s.attacked, lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive)
     )
     for (objective, eps, defense, adaptive), group in settings.items():
-        single = [c for c in group if c.attack in SINGLE_STEP_ATTACKS]
+        single = [c for c in group if c.properties.single_step]
         if not single:
             continue
         ref = min_score(single)
-        for attack in unique(c.attack for c in group if c.attack not in SINGLE_STEP_ATTACKS):
+        names = "/".join(unique(c.attack for c in single))
+        for attack in unique(c.attack for c in group if c.properties.iterative):
             its = [c for c in group if c.attack == attack]
             value = min_score(its)
             steps = sorted({c.steps for c in its})
             ok = value <= ref + tol
             label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
             detail = (
-                f"eps {fmt_eps(eps)}: {attack} {s.metric} {value:.2f} (steps {steps}) vs fgsm "
+                f"eps {fmt_eps(eps)}: {attack} {s.metric} {value:.2f} (steps {steps}) vs {names} "
                 f"{s.metric} {ref:.2f}; {'ok' if ok else 'iterative WEAKER than single-step'} "
                 f"(tol {tol:g})"
             )
@@ -283,7 +280,7 @@ def _member_label(m: Dict) -> str:
 def check_ensemble_vs_members(
     cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
 ) -> List[Dict]:
-    """``ensemble_vs_members``, per ensemble cell (attack in :data:`ENSEMBLE_ATTACKS`): its
+    """``ensemble_vs_members``, per ensemble cell (its threat is an ``ensemble``): its
     score <= the lowest score among its ``members`` (``[{"attack", "objective", "num_steps",
     <metric>: value, ...}]``) + :data:`ENSEMBLE_TOLERANCE`. The ensemble keeps, image by image,
     one of its members' own predictions, so it can be no weaker than its strongest member; the
@@ -293,7 +290,7 @@ def check_ensemble_vs_members(
     _, s = _scored(cells)
     checks = []
     for c in s.attacked:
-        if c.attack not in ENSEMBLE_ATTACKS:
+        if not c.properties.ensemble:
             continue
         label = series_label(c.attack, c.objective, c.defense_name) + _adaptive_suffix(
             c.is_adaptive
@@ -322,31 +319,37 @@ def check_ensemble_vs_members(
 
 
 def check_apgd_vs_pgd(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -> List[Dict]:
-    """``apgd_vs_pgd``, per (objective, eps, defense, adaptive, passes) with both an "apgd" and a
-    "pgd" cell, passes = ``num_steps * restarts`` (equal gradient budgets):
-    ``score_apgd <= score_pgd + tol``. APGD's step-size control exists to beat fixed-step PGD
-    at the same budget; losing to it points at a broken schedule or a masked gradient."""
+    """``apgd_vs_pgd``, per attack declaring a ``baseline`` (APGD: "pgd") and per (objective,
+    eps, defense, adaptive, passes) with cells of both, passes = ``num_steps * restarts`` (equal
+    gradient budgets): ``score_attack <= score_baseline + tol``. APGD's step-size control
+    exists to beat fixed-step PGD at the same budget; losing to it points at a broken schedule
+    or a masked gradient."""
     _, s = _scored(cells)
     checks = []
-    groups = _group(
-        [c for c in s.attacked if c.attack in ("apgd", "pgd")],
-        lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive,
-                   c.steps * c.restart_count),
-    )  # fmt: skip
-    for (objective, eps, defense, adaptive, passes), group in groups.items():
-        apgd = [c for c in group if c.attack == "apgd"]
-        pgd = [c for c in group if c.attack == "pgd"]
-        if not apgd or not pgd:
-            continue
-        va, vp = min_score(apgd), min_score(pgd)
-        ok = va <= vp + tol
-        detail = (
-            f"eps {fmt_eps(eps)}, {passes} passes (steps x restarts): apgd {s.metric} {va:.2f} "
-            f"vs pgd {s.metric} {vp:.2f}; {'ok' if ok else 'APGD WEAKER than PGD'} (tol {tol:g})"
-        )
-        label = series_label(objective, defense) + _adaptive_suffix(adaptive)
-        name = f"apgd_vs_pgd: {label} eps={fmt_eps(eps)} passes={passes}"
-        checks.append(make_check(name, ok, detail))
+    baselines = OrderedDict((c.attack, c.properties.baseline) for c in s.attacked)
+    baselines = OrderedDict((a, b) for a, b in baselines.items() if b)
+    for attack, baseline in baselines.items():
+        groups = _group(
+            [c for c in s.attacked if c.attack in (attack, baseline)],
+            lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive,
+                       c.steps * c.restart_count),
+        )  # fmt: skip
+        for (objective, eps, defense, adaptive, passes), group in groups.items():
+            own = [c for c in group if c.attack == attack]
+            base = [c for c in group if c.attack == baseline]
+            if not own or not base:
+                continue
+            va, vp = min_score(own), min_score(base)
+            ok = va <= vp + tol
+            detail = (
+                f"eps {fmt_eps(eps)}, {passes} passes (steps x restarts): {attack} {s.metric} "
+                f"{va:.2f} vs {baseline} {s.metric} {vp:.2f}; "
+                f"{'ok' if ok else f'{attack} WEAKER than {baseline}'} (tol {tol:g})"
+            )
+            label = series_label(objective, defense) + _adaptive_suffix(adaptive)
+            prefix = "apgd_vs_pgd" if len(baselines) == 1 else f"apgd_vs_pgd ({attack})"
+            name = f"{prefix}: {label} eps={fmt_eps(eps)} passes={passes}"
+            checks.append(make_check(name, ok, detail))
     return checks
 
 

@@ -19,32 +19,47 @@ from .breakdowns import per_class_section, size_section, worst_case_curve
 from .checks import CHECKS, ENSEMBLE_TOLERANCE
 from .ranking import defense_ranking
 
-__all__ = ["THREAT_MODEL", "markdown_report"]
+__all__ = ["THREAT_MODEL", "markdown_report", "objective_text", "threat_model"]
 
-THREAT_MODEL = (
-    "attacks are white-box on the undefended model; defended cells score the same adversarial "
-    "images after the defense (defense-unaware / gray-box) unless `adaptive` is true, in which "
-    "case the attack ran against model o defense: the real defense forward, the VJP of a "
-    "differentiable surrogate backward (BPDA, see `surrogate`), averaged over `eot_samples` "
-    "random masks for randomised defenses (EOT)"
-)
 _HEADER_KEYS = ("date", "hardware", "config_file", "weights")
-# What each built-in objective makes the attack maximise (the threat model's "how"), for the
-# objectives a report's cells used; docs/ATTACKS.md has the definitions.
-OBJECTIVE_TEXT = {
-    "train_losses": "sum of the model's training losses against the ground truth (the study's)",
-    "semantic_ce": "per-pixel cross-entropy of the dense class logits against the ground truth",
-    "pseudo_label": "cross-entropy against the model's own clean prediction (no ground truth)",
-    "least_likely": "targeted: towards each pixel's least likely class (ILLC)",
-    "panoptic": "UPSNet's panoptic-logit loss on matched ground-truth segments",
-    "masked_ce": "cross-entropy on the pixels still classified correctly (SEA)",
-    "balanced_masked_ce": "class-balanced masked cross-entropy (SEA)",
-    "js_divergence": "Jensen-Shannon divergence of softmax and one-hot target (SEA)",
-    "masked_spherical": "masked spherical loss on the normalised true-class logit (SEA)",
-    "segment": "every ground-truth segment still matched (IoU > 0.5) pushed below 0.5, each "
-    "segment weighted equally whatever its size (aimed at RQ)",
-    "ensemble": "per image, the member prediction that lowers the data set's metric most",
-}
+
+
+def _kinds(cells: Sequence[ResultCell]) -> List:
+    """The threat kinds of the cells, in registration order."""
+    from ...threats import cell_properties, kind_of, kinds, threat_kind
+
+    names = set()
+    for c in cells:
+        record = c.get("threat")
+        kind = threat_kind(record["kind"]) if isinstance(record, dict) and "kind" in record else (
+            kind_of(c.attack))  # fmt: skip
+        if kind is not None:
+            names.add(kind.name)
+        elif not cell_properties(c).reference:  # an unregistered attack: the attack kind's text
+            names.add(next(k.name for k in kinds() if k.properties.needs_objective))
+    return [k for k in kinds() if k.name in names]
+
+
+def threat_model(cells: Sequence[ResultCell]) -> str:
+    """The threat-model sentences of the kinds the cells come from (each kind states its own)."""
+    texts = [k.threat_model for k in _kinds(cells) if k.threat_model]
+    return "; ".join(texts) if texts else "n/a (no cells)"
+
+
+def objective_text(name: str, cells: Sequence[ResultCell] = ()) -> str:
+    """What objective ``name`` makes the attack maximise: its class's ``description``, else a
+    kind's text for a name it puts in its cells (an ensemble's "ensemble")."""
+    from ...attacks.objectives import objective_class
+    from ...threats import kinds
+
+    try:
+        return getattr(objective_class(name), "description", "a registered objective")
+    except KeyError:
+        pass
+    for kind in kinds():
+        if name in kind.objective_texts:
+            return kind.objective_texts[name]
+    return "an objective not registered in this process"
 
 
 def _quantized_summary(cells: Sequence[ResultCell]) -> str:
@@ -62,7 +77,7 @@ def _objectives_summary(cells: Sequence[ResultCell]) -> str:
     used = unique(c.objective for c in cells if not c.is_clean and c.objective)
     if not used:
         return "n/a (no attacked cells)"
-    return "; ".join(f"`{o}`: {OBJECTIVE_TEXT.get(o, 'a registered objective')}" for o in used)
+    return "; ".join(f"`{o}`: {objective_text(o)}" for o in used)
 
 
 def _header(cells, kind: ReportKind, metadata: Dict, checks: Sequence[Dict]) -> List[str]:
@@ -79,7 +94,7 @@ def _header(cells, kind: ReportKind, metadata: Dict, checks: Sequence[Dict]) -> 
         f"- **Hardware:** {metadata.get('hardware', 'not recorded')}",
         f"- **Config file:** {metadata.get('config_file', 'not recorded')}",
         f"- **Weights:** {metadata.get('weights', 'not recorded')}",
-        f"- **Threat model:** {THREAT_MODEL}.",
+        f"- **Threat model:** {threat_model(cells)}.",
         f"- **Objectives:** {_objectives_summary(cells)}",
         f"- **Adversarial images quantized to uint8:** {_quantized_summary(cells)}",
         "- **Units:** eps on the 0-255 pixel scale of the model's input format; "
@@ -337,3 +352,11 @@ def markdown_report(
     md += _failures_section(cells)
     md.append("")
     return "\n".join(md)
+
+
+def __getattr__(name):  # THREAT_MODEL: the attack kind's sentence, as before
+    if name == "THREAT_MODEL":
+        from ...threats.attack import AttackKind
+
+        return AttackKind.threat_model
+    raise AttributeError(name)

@@ -115,7 +115,7 @@ def defense_ranking(cells: Sequence[CellLike]) -> List[Dict]:
     m = report_kind(cells).metric
     clean = clean_scores(cells)
     ordered = cell_order(cells)
-    attacked = [c for c in ordered if not c.is_clean and c.score is not None]
+    attacked = [c for c in ordered if c.is_adversarial and c.score is not None]
     eps_values = sorted({c.eps_value for c in attacked})
     rows = [
         _defense_row(d, ordered, attacked, clean, eps_values, m)

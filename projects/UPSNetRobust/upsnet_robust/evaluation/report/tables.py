@@ -43,7 +43,8 @@ CSV_COLUMNS = (
     "eot_samples",
 )
 # Appended after CSV_COLUMNS when some cell has them.
-_OPTIONAL_COLUMNS = ("task", "metric", "model")
+# (corruption, severity: the cells of a corruption threat kind)
+_OPTIONAL_COLUMNS = ("task", "metric", "model", "corruption", "severity")
 
 
 def format_table(cells: Sequence[CellLike]) -> str:
@@ -92,8 +93,8 @@ def format_table(cells: Sequence[CellLike]) -> str:
 
 def csv_columns(cells: Sequence[CellLike]) -> List[str]:
     """:data:`CSV_COLUMNS`, then the other tasks' metric columns some cell has (with
-    ``<metric>_ratio`` after them when the headline is not PQ), then ``task``, ``metric`` and
-    ``model`` when some cell has them. A panoptic sweep's cells without those keys give exactly
+    ``<metric>_ratio`` after them when the headline is not PQ), then ``task``, ``metric``,
+    ``model``, ``corruption`` and ``severity`` when some cell has them. A panoptic sweep's cells without those keys give exactly
     :data:`CSV_COLUMNS`."""
     cells = as_cells(cells)
     headline = report_kind(cells).metric

@@ -1,6 +1,6 @@
 # Copyright (c) UPSNetRobust authors.
-"""The cells of an ensemble (``sea``, ``sea_fast``): the worst case over its member passes,
-selected per defense from their stored per-image statistics (:mod:`.ensemble`).
+"""The cells of an ensemble (the ``sea`` kind): the worst case over its member passes, selected
+per defense from their stored per-image statistics (:mod:`upsnet_robust.evaluation.ensemble`).
 
 The cell's metrics are computed from the selected images' summed statistics, so they are what
 the task's evaluator gives on the selected predictions; its ``members`` list says how many
@@ -10,17 +10,22 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..utils.io import atomic_json
-from .breakdown import panoptic_breakdown
-from .ensemble import Selection, select_panoptic, select_semantic
-from .panoptic_stats import IMAGE_STATS_FILE, PanopticStats, load_image_stats, save_image_stats
-from .semantic_stats import (
+from ..evaluation.breakdown import panoptic_breakdown
+from ..evaluation.ensemble import Selection, select_panoptic, select_semantic
+from ..evaluation.panoptic_stats import (
+    IMAGE_STATS_FILE,
+    PanopticStats,
+    load_image_stats,
+    save_image_stats,
+)
+from ..evaluation.semantic_stats import (
     SEM_SEG_STATS_FILE,
     load_confusion_stats,
     save_confusion_stats,
     semantic_metrics,
     sum_confusion,
 )
+from ..utils.io import atomic_json
 
 __all__ = ["STATS_FILES", "ensemble_cells", "load_pass_stats", "save_selection"]
 
@@ -81,7 +86,7 @@ def ensemble_cells(
     selection and selected statistics (for :func:`save_selection`).
 
     Args:
-        spec: the ensemble's pass spec (``attack``, ``eps``).
+        spec: the ensemble's :class:`~.base.ThreatSpec`.
         members: per member, ``(member spec, its pass dir, its cells)``.
         task: "panoptic_seg" or "sem_seg".
     """
@@ -113,9 +118,9 @@ def _cell(spec, mcells, sel: Selection, metrics: Dict, mspecs) -> Dict:
         "model": ref.get("model"),
         "task": ref.get("task"),
         "metric": metric,
-        "attack": spec["attack"],
-        "objective": "ensemble",
-        "eps": spec["eps"],
+        "attack": spec.name,
+        "objective": spec.objective,
+        "eps": spec.eps,
         # forward-backward budget per image: every member's iterations (and restarts)
         "num_steps": sum(int(c["num_steps"]) * int(c.get("restarts", 1) or 1) for c in mcells),
         "step_size": 0.0,
@@ -136,8 +141,8 @@ def _cell(spec, mcells, sel: Selection, metrics: Dict, mspecs) -> Dict:
         "failures": failures,
         "members": [
             {
-                "attack": s["attack"],
-                "objective": s["objective"],
+                "attack": s.name,
+                "objective": s.objective,
                 "num_steps": int(c["num_steps"]),
                 metric: c.get(metric),
                 "images": n,
