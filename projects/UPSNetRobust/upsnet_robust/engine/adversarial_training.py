@@ -28,6 +28,7 @@ import copy
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -37,16 +38,62 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from ..adapters.base import adapter_class, eval_mode, frozen_norm_training_mode, unwrap_model
+from ..adapters.base import (
+    LOSSES,
+    adapter_class,
+    eval_mode,
+    frozen_norm_training_mode,
+    unwrap_model,
+)
 from ..attacks.base import PIXEL_MAX, PIXEL_MIN, objective_gradient
 from ..attacks.objectives import build_objective, objective_class
 
-__all__ = ["ADV_TRAIN_ATTACKS", "AdversarialBatches", "AdversarialExamples", "craft", "step_seed"]
+__all__ = [
+    "ADV_TRAIN_ATTACKS",
+    "AdversarialBatches",
+    "AdversarialExamples",
+    "CraftRule",
+    "craft",
+    "craft_rule",
+    "step_seed",
+]
 
 logger = logging.getLogger(__name__)
 
-#: ADV_TRAIN.ATTACK -> its default step size as a multiple of eps (PGD: of eps / NUM_STEPS).
-ADV_TRAIN_ATTACKS = {"fgsm_rs": 1.25, "n_fgsm": 1.0, "pgd": 2.5}
+@dataclass(frozen=True)
+class CraftRule:
+    """How one ``ADV_TRAIN.ATTACK`` crafts (read instead of its name).
+
+    Attributes:
+        step: the default step in multiples of eps (divided by the steps when ``multi_step``).
+        noise_start: the start is uniform in ``NOISE`` x eps instead of the eps-ball.
+        multi_step: runs ``NUM_STEPS`` steps (else one).
+        projected: each step is projected back onto the eps-ball.
+    """
+
+    step: float
+    noise_start: bool = False
+    multi_step: bool = False
+    projected: bool = True
+
+
+#: ADV_TRAIN.ATTACK -> how it crafts.
+ADV_TRAIN_ATTACKS = {
+    "fgsm_rs": CraftRule(step=1.25),
+    "n_fgsm": CraftRule(step=1.0, noise_start=True, projected=False),
+    "pgd": CraftRule(step=2.5, multi_step=True),
+}
+#: The multi-step attack of the guard's checks.
+CHECK_ATTACK = "pgd"
+
+
+def craft_rule(attack: str) -> CraftRule:
+    """The rule of ``ADV_TRAIN.ATTACK`` ``attack``, or a ValueError naming the valid ones."""
+    if attack not in ADV_TRAIN_ATTACKS:
+        raise ValueError(
+            f"ADV_TRAIN.ATTACK {attack!r} is not one of {', '.join(ADV_TRAIN_ATTACKS)}"
+        )
+    return ADV_TRAIN_ATTACKS[attack]
 
 
 def step_seed(seed: int, iteration: int, rank: int) -> int:
@@ -71,27 +118,22 @@ def craft(
     Returns:
         Tensor: detached images of ``x``'s shape and dtype, in [0, 255].
     """
-    if attack not in ADV_TRAIN_ATTACKS:
-        raise ValueError(
-            f"ADV_TRAIN.ATTACK {attack!r} is not one of {', '.join(ADV_TRAIN_ATTACKS)}"
-        )
+    rule = craft_rule(attack)
     x = x.detach()
     if eps <= 0:
         return x.clone()
-    steps = int(num_steps) if attack == "pgd" else 1
+    steps = int(num_steps) if rule.multi_step else 1
     if steps < 1:
-        raise ValueError(f"ADV_TRAIN.NUM_STEPS must be >= 1 for pgd, got {num_steps}")
-    alpha = step_size if step_size and step_size > 0 else ADV_TRAIN_ATTACKS[attack] * eps
-    if attack == "pgd" and not (step_size and step_size > 0):
-        alpha = ADV_TRAIN_ATTACKS["pgd"] * eps / steps
-    radius = noise * eps if attack == "n_fgsm" else eps
+        raise ValueError(f"ADV_TRAIN.NUM_STEPS must be >= 1 for {attack}, got {num_steps}")
+    alpha = step_size if step_size and step_size > 0 else rule.step * eps / steps
+    radius = noise * eps if rule.noise_start else eps
     u = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
     delta = (2 * u - 1) * radius
     for _ in range(steps):
         x_adv = (x + delta).clamp(PIXEL_MIN, PIXEL_MAX)
         _, grad = objective_gradient(loss_fn, x_adv)
         delta = x_adv - x + alpha * grad.sign()
-        if attack != "n_fgsm":  # N-FGSM deliberately leaves the eps-ball
+        if rule.projected:  # N-FGSM deliberately leaves the eps-ball
             delta = delta.clamp(-eps, eps)
     return (x + delta).clamp(PIXEL_MIN, PIXEL_MAX).detach()
 
@@ -130,10 +172,7 @@ class AdversarialExamples:
         objective: str = "train_losses",
         metadata=None,
     ):
-        if attack not in ADV_TRAIN_ATTACKS:
-            raise ValueError(
-                f"ADV_TRAIN.ATTACK {attack!r} is not one of {', '.join(ADV_TRAIN_ATTACKS)}"
-            )
+        rule = craft_rule(attack)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ADV_TRAIN.RATIO must be in [0, 1], got {ratio}")
         if eps < 0 or warmup_iters < 0 or noise < 0:
@@ -141,8 +180,8 @@ class AdversarialExamples:
                 f"ADV_TRAIN.EPS ({eps}), EPS_WARMUP_ITERS ({warmup_iters}) and NOISE ({noise}) "
                 "must be >= 0"
             )
-        if attack == "pgd" and num_steps < 1:
-            raise ValueError(f"ADV_TRAIN.NUM_STEPS must be >= 1 for pgd, got {num_steps}")
+        if rule.multi_step and num_steps < 1:
+            raise ValueError(f"ADV_TRAIN.NUM_STEPS must be >= 1 for {attack}, got {num_steps}")
         self.attack = attack
         self.eps = float(eps)
         self.warmup_iters = int(warmup_iters)
@@ -151,8 +190,10 @@ class AdversarialExamples:
         self.noise = float(noise)
         self.ratio = float(ratio)
         self.seed = int(seed)
-        objective_class(objective)  # an unknown name fails now, listing the registered ones
-        if objective != "train_losses" and not getattr(objective_class(objective), "dense", False):
+        cls = objective_class(objective)  # an unknown name fails now, listing the registered ones
+        # the model's own training losses run as one batched training forward
+        self.training_losses = getattr(cls, "requires", "") == LOSSES
+        if not (self.training_losses or getattr(cls, "dense", False)):
             raise ValueError(
                 f"ADV_TRAIN.OBJECTIVE {objective!r}: adversarial training maximises the training "
                 "losses ('train_losses') or a dense objective (semantic_ce, masked_ce, ...)"
@@ -188,7 +229,7 @@ class AdversarialExamples:
     def loss_fn(self, model, batch: List[Dict], seed: int = 0):
         """``x -> value`` to maximise for ``batch`` with its images replaced by ``x`` (each
         cropped back to its own size): the summed training losses, or the dense objective."""
-        if self.objective != "train_losses":
+        if not self.training_losses:
             adapter = copy.copy(adapter_class(model)(model, self.metadata))
             adapter.dense_targets = _training_labels
             return build_objective(self.objective, adapter, batch, seed=seed, batched=True)
@@ -204,9 +245,7 @@ class AdversarialExamples:
     def crafting_mode(self, model):
         """Training mode with frozen norms for the training losses, eval mode for the dense
         objectives (which read the inference logits)."""
-        return frozen_norm_training_mode(model) if self.objective == "train_losses" else (
-            eval_mode(model)
-        )
+        return frozen_norm_training_mode(model) if self.training_losses else eval_mode(model)
 
     def __call__(self, model, batch: List[Dict], iteration: int, rank: int = 0) -> List[Dict]:
         """``batch`` with its first :meth:`num_adversarial` images adversarial (float 0-255

@@ -33,7 +33,7 @@ from detectron2.utils.events import EventStorage
 
 from ..adapters.base import DENSE_LOGITS, eval_mode, unwrap_model
 from ..utils.io import atomic_json
-from .adversarial_training import AdversarialExamples, _stack, craft, step_seed
+from .adversarial_training import CHECK_ATTACK, AdversarialExamples, _stack, craft, step_seed
 
 __all__ = ["GuardDecision", "OverfittingGuard", "guard_decision"]
 
@@ -113,18 +113,18 @@ class OverfittingGuard(HookBase):
         loss_fn = self.examples.loss_fn(model, self.batch, seed)
         out = {"iteration": int(iteration)}
         with self.examples.crafting_mode(model), EventStorage(), torch.random.fork_rng([]):
-            for name, attack, steps in (
-                ("train_attack", self.examples.attack, self.examples.num_steps),
-                ("pgd", "pgd", self.num_steps),
+            ex = self.examples
+            for name, attack, step, steps, robust_acc in (
+                ("train_attack", ex.attack, ex.step_size, ex.num_steps, False),
+                ("pgd", CHECK_ATTACK, None, self.num_steps, True),
             ):
                 torch.manual_seed(seed)
                 gen = torch.Generator().manual_seed(seed)
-                step = self.examples.step_size if attack == self.examples.attack else None
-                x_adv = craft(x, loss_fn, eps, attack, step, steps, self.examples.noise, gen)
+                x_adv = craft(x, loss_fn, eps, attack, step, steps, ex.noise, gen)
                 torch.manual_seed(seed)
                 with torch.no_grad():
                     out[f"{name}_loss"] = float(loss_fn(x_adv).sum())
-                if name == "pgd":
+                if robust_acc:  # of the PGD check's images
                     out["robust_acc"] = self._pixel_accuracy(x_adv)
         return out
 
