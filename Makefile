@@ -21,7 +21,7 @@ DATA_STAMP := $(DATA_ROOT)/.complete-v2
 
 install: $(STAMP)
 
-$(STAMP): requirements/lock.txt setup.py tools/install_env.sh
+$(STAMP): requirements/lock.txt requirements/no-deps.txt setup.py tools/install_env.sh
 	VENV=$(VENV) bash tools/install_env.sh
 	touch $@
 

@@ -30,7 +30,15 @@ import benchutils as bu  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 # Our benchmarks, in running order; bench_nlmeans.py (another owner) is added when present.
-BENCHMARKS = ["attack_overhead", "sweep_economy", "defenses", "pq_eval", "scale", "fast_paths"]
+BENCHMARKS = [
+    "attack_overhead",
+    "sweep_economy",
+    "defenses",
+    "pq_eval",
+    "scale",
+    "fast_paths",
+    "corruptions",
+]
 OPTIONAL = ["nlmeans"]
 MAX_SCALAR_ROWS = 6
 

@@ -23,6 +23,7 @@ MODULES = [
     "bench_fast_paths",
     "bench_attack_strength",
     "bench_adv_train",
+    "bench_corruptions",
     "run_all",
 ]
 
@@ -239,3 +240,18 @@ def test_adv_train_goals(bench):
     }
     rows[1] = row("robust", "clean", 0, 81.9)
     assert not goals(rows)["goal_eps8"]["clean_drop_le_5"]
+
+
+def test_corruption_benchmark_flags_and_projects(bench):
+    # Two corruptions at 1 s, one at 25 s (25x the median): flagged with its documented reason;
+    # an undocumented slow one says so. Projection: every cell's seconds x the 500 val images.
+    bc = bench["bench_corruptions"]
+    times = {"fog": {1: 1.0, 2: 1.0}, "zoom_blur": {1: 20.0, 2: 30.0}, "contrast": {1: 1.0, 2: 1.0}}
+    out = bc.summarise(times)
+    assert out["median_seconds"] == 1.0 and out["cells_per_image"] == 6
+    assert out["rows"]["zoom_blur"]["flagged"] and out["rows"]["zoom_blur"]["x_median"] == 25.0
+    assert out["rows"]["zoom_blur"]["reason"] == bc.SLOW_REASONS["zoom_blur"]
+    assert not out["rows"]["fog"]["flagged"] and out["rows"]["fog"]["reason"] is None
+    assert out["projected_hours"] == pytest.approx(54.0 * 500 / 3600)
+    times["pixelate"] = times.pop("zoom_blur")
+    assert bc.summarise(times)["rows"]["pixelate"]["reason"] == "undocumented"

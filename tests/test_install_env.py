@@ -60,3 +60,22 @@ def test_successful_pip_calls_run_to_the_end(tmp_path):
     # pip "succeeds" (its filtered warning is not an error), so the script finishes cleanly.
     assert result.returncode == 0, result.stdout + result.stderr
     assert "error:" not in result.stderr
+
+
+def test_corruption_package_goes_in_without_its_declared_opencv(tmp_path):
+    # The fake python logs each pip call: the no-deps file must come after the lock file and
+    # with --no-deps, or imagecorruptions-imaug's `opencv-python` would sit next to the headless cv2.
+    venv = _fake_venv(tmp_path, pip_exit=0)
+    python = venv / "bin" / "python"
+    log = tmp_path / "pip_calls"
+    python.write_text(python.read_text().replace("then\n", f'then\n  echo "$*" >> {log}\n', 1))
+    result = _run(venv)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    lock = next(i for i, c in enumerate(calls) if "requirements/lock.txt" in c)
+    nodeps = next(i for i, c in enumerate(calls) if "requirements/no-deps.txt" in c)
+    assert lock < nodeps and "--no-deps" in calls[nodeps].split()
+    pinned = (REPO / "requirements" / "no-deps.txt").read_text()
+    assert "imagecorruptions-imaug==" in pinned
+    lock_text = (REPO / "requirements" / "lock.txt").read_text()
+    assert "opencv-python==" not in lock_text and "numba==" in lock_text

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv with CPython 3.10 and install the pinned stack (requirements/lock.txt) plus this
-# project in editable mode. Used by `make install`; safe to re-run.
+# Create .venv with CPython 3.10 and install the pinned stack (requirements/lock.txt, then
+# requirements/no-deps.txt without dependencies) plus this project in editable mode. Used by
+# `make install`; safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -59,5 +60,8 @@ pip_install() {
 
 pip_install --upgrade pip
 pip_install -r requirements/lock.txt
+# Packages whose declared dependencies would bring a second cv2 (opencv-python): their real needs
+# are in the lock file, so they go in without their declared ones.
+pip_install --no-deps -r requirements/no-deps.txt
 pip_install --no-deps -e .
-"$VENV/bin/python" -c "import detectron2, torch, upsnet_robust; from detectron2 import _C; print('detectron2', detectron2.__version__, '| torch', torch.__version__, '| upsnet_robust OK')"
+"$VENV/bin/python" -c "import detectron2, torch, upsnet_robust, imagecorruptions; from detectron2 import _C; print('detectron2', detectron2.__version__, '| torch', torch.__version__, '| upsnet_robust OK')"

@@ -11,6 +11,7 @@ from .defenses.config import add_defense_config
 
 __all__ = [
     "add_adv_train_config",
+    "add_corruption_config",
     "add_registered_config",
     "add_robustness_config",
     "add_sea_config",
@@ -100,6 +101,7 @@ def add_robustness_config(cfg):
     # ADAPTIVE.
     _C.ROBUSTNESS.EARLY_STOP = False
     add_sea_config(_C)
+    add_corruption_config(_C)
     # Defenses to score every adversarial batch with ("none" always means undefended).
     _C.ROBUSTNESS.DEFENSES = ["none", "nlmeans"]
     # Round adversarial images to uint8 before defense / model (wipes out eps < 1 if True).
@@ -146,6 +148,20 @@ def add_robustness_config(cfg):
 
     # Parameters of every registered defense, cfg.DEFENSE.<NAME> (reference settings).
     add_defense_config(_C)
+
+
+def add_corruption_config(cfg):
+    """ROBUSTNESS.CORRUPTIONS / SEVERITIES: the natural-corruption grid (docs/CORRUPTIONS.md)."""
+    from .corruptions.catalog import CORRUPTIONS, SEVERITIES
+
+    _C = cfg
+    # Run the natural-corruption passes (threat kind "corruption") besides ROBUSTNESS.ATTACKS;
+    # off by default: the full grid is 75 passes. With ATTACKS [] only corruptions run.
+    _C.ROBUSTNESS.RUN_CORRUPTIONS = False
+    # Corruptions of imagecorruptions (the 15 of ImageNet-C / Cityscapes-C by default), each run at
+    # every severity below; images are corrupted with a seed per image, corruption and severity.
+    _C.ROBUSTNESS.CORRUPTIONS = list(CORRUPTIONS)
+    _C.ROBUSTNESS.SEVERITIES = list(SEVERITIES)  # 1 (mildest) to 5
 
 
 def add_sea_config(cfg):

@@ -28,6 +28,7 @@ from .registry import (
 from . import clean  # noqa: F401  isort:skip
 from . import attack  # noqa: F401  isort:skip
 from . import sea  # noqa: F401  isort:skip
+from . import corruption  # noqa: F401  isort:skip
 
 __all__ = [
     "ImageFailure",

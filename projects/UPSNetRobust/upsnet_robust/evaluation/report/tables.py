@@ -47,12 +47,19 @@ CSV_COLUMNS = (
 _OPTIONAL_COLUMNS = ("task", "metric", "model", "corruption", "severity")
 
 
+def _budget(cell) -> str:
+    """The eps column: eps, or a corruption cell's severity ("sev 3")."""
+    severity = cell.get("severity")
+    return fmt_eps(cell.eps_value) if severity is None else f"sev {severity}"
+
+
 def format_table(cells: Sequence[CellLike]) -> str:
     """A compact fixed-width table for the terminal.
 
-    Columns: attack ("(adaptive)" appended for adaptive cells), eps, defense, the task's main
-    metrics (:data:`~.cells.TABLE_METRICS`: PQ SQ RQ, mIoU fwIoU mACC pACC, or AP AP50 AP75)
-    and s/img = attack + defense seconds per image ("n/a" when the attack time is missing).
+    Columns: attack ("(adaptive)" appended for adaptive cells), eps (a corruption's severity),
+    defense, the task's main metrics (:data:`~.cells.TABLE_METRICS`: PQ SQ RQ, mIoU fwIoU mACC
+    pACC, or AP AP50 AP75) and s/img = attack + defense seconds per image ("n/a" when the attack
+    time is missing).
     Rows are sorted like the report (clean first, then attacks in order of appearance, eps
     ascending).
 
@@ -72,7 +79,7 @@ def format_table(cells: Sequence[CellLike]) -> str:
         rows.append(
             (
                 attack_label(c),
-                "clean" if c.is_clean else fmt_eps(c.eps_value),
+                "clean" if c.is_clean else _budget(c),
                 c.defense_name,
                 *(fmt(c.get(m), 1) for m in metrics),
                 fmt(t, 3),
@@ -94,8 +101,8 @@ def format_table(cells: Sequence[CellLike]) -> str:
 def csv_columns(cells: Sequence[CellLike]) -> List[str]:
     """:data:`CSV_COLUMNS`, then the other tasks' metric columns some cell has (with
     ``<metric>_ratio`` after them when the headline is not PQ), then ``task``, ``metric``,
-    ``model``, ``corruption`` and ``severity`` when some cell has them. A panoptic sweep's cells without those keys give exactly
-    :data:`CSV_COLUMNS`."""
+    ``model``, ``corruption`` and ``severity`` when some cell has them. A panoptic sweep's
+    cells without those keys give exactly :data:`CSV_COLUMNS`."""
     cells = as_cells(cells)
     headline = report_kind(cells).metric
     present = set()

@@ -12,6 +12,8 @@ from ...utils.io import atomic_write
 from ._format import jsonable
 from .cells import CellLike, as_cells, report_kind
 from .checks import METRIC_TOLERANCE, sanity_checks
+from .corruptions import METRIC_VS_SEVERITY_FILE, corruption_markdown
+from .corruptions import corruption_summaries, plot_metric_vs_severity
 from .markdown import markdown_report
 from .ranking import defense_ranking
 from .tables import csv_text
@@ -92,11 +94,24 @@ def write_report(
     payload = {"metadata": metadata, "cells": [c.to_dict() for c in cells], "checks": checks}
     if any(c.is_adaptive for c in cells if not c.is_clean):
         payload["defense_ranking"] = defense_ranking(cells)
+    corruptions = corruption_summaries(cells)
+    if corruptions is not None:
+        payload["corruptions"] = corruptions
     text = json.dumps(jsonable(payload), indent=2, allow_nan=False) + "\n"
     atomic_write(paths["json"], text)
     atomic_write(paths["csv"], csv_text(cells))
-    atomic_write(paths["md"], markdown_report(cells, kind, metadata, checks, METRIC_TOLERANCE))
+    # the attack sections, ranking and eps figures cover the attacks' cells; corruption cells
+    # (no eps, no adversary) have their own section and figure
+    eps_cells = [c for c in cells if c.get("corruption") is None]
+    md = markdown_report(eps_cells, kind, metadata, checks, METRIC_TOLERANCE)
+    section = corruption_markdown(cells)
+    if section:
+        md = md.rstrip("\n") + "\n\n" + "\n".join(section)
+    atomic_write(paths["md"], md)
     for key, plot in _plotters().items():
-        plot(cells, paths[key])
+        plot(eps_cells, paths[key])
+    if corruptions is not None:
+        paths["metric_vs_severity"] = os.path.join(output_dir, METRIC_VS_SEVERITY_FILE)
+        plot_metric_vs_severity(cells, paths["metric_vs_severity"])
     logger.info("Robustness report (%s, %s) written to %s", kind.task, kind.metric, output_dir)
     return paths
