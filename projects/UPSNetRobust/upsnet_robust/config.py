@@ -108,6 +108,11 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.QUANTIZE = False
     # Score clean and clean+defense cells too.
     _C.ROBUSTNESS.INCLUDE_CLEAN = True
+    # Other checkpoints of the same architecture swept with the same settings and reported as
+    # defense rows beside the input transforms, "name=path" each (e.g. an adversarially trained
+    # model: "adv_train=checkpoints/upsnet_tiny_synthetic_adv.pth"); MODEL.WEIGHTS is the
+    # undefended reference. Their rows are "name" and "name+<defense>".
+    _C.ROBUSTNESS.COMPARE_WEIGHTS = []
     # Images (<= 0: all) of the test set; keeps quick sweeps quick.
     _C.ROBUSTNESS.MAX_IMAGES = 0
     # Image grids (adversarial image, panoptic result, amplified difference) for this many images.
