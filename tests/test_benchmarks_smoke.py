@@ -22,6 +22,7 @@ MODULES = [
     "bench_scale",
     "bench_fast_paths",
     "bench_attack_strength",
+    "bench_adv_train",
     "bench_corruptions",
     "run_all",
 ]
@@ -214,6 +215,31 @@ def test_attack_strength_goals(bench):
     assert out["8"]["sea_fast_within_1_PQ_at_25pct"] and out["8"]["sea_fast_pass_ratio"] == 0.25
     assert not out["16"]["sea_2_below_best_fixed"]  # 1.5 below only
     assert not out["16"]["sea_fast_within_1_PQ_at_25pct"]  # 101 of 400 passes
+
+
+def test_adv_train_goals(bench):
+    """At eps 8: robust PQ >= standard + 10 under sea and under the worst fixed-step attack;
+    clean PQ at most 5 below the standard model's."""
+    goals = bench["bench_adv_train"]._goals
+
+    def row(model, name, eps, pq):
+        return {"model": model, "name": name, "eps": eps, "PQ": pq}
+
+    rows = [
+        row("standard", "clean", 0, 87.0), row("robust", "clean", 0, 83.0),
+        row("standard", "pgd-40", 8.0, 71.0), row("standard", "cospgd-40", 8.0, 67.0),
+        row("standard", "sea", 8.0, 65.0),
+        row("robust", "pgd-40", 8.0, 82.0), row("robust", "segpgd-40", 8.0, 77.5),
+        row("robust", "sea", 8.0, 74.0),
+    ]  # fmt: skip
+    out = goals(rows)
+    assert out["8"]["robust_worst_fixed"] == 77.5 and out["8"]["fixed_gain"] == 10.5
+    assert out["8"]["sea_gain"] == 9.0
+    assert out["goal_eps8"] == {
+        "sea_gain_ge_10": False, "fixed_gain_ge_10": True, "clean_drop_le_5": True
+    }
+    rows[1] = row("robust", "clean", 0, 81.9)
+    assert not goals(rows)["goal_eps8"]["clean_drop_le_5"]
 
 
 def test_corruption_benchmark_flags_and_projects(bench):

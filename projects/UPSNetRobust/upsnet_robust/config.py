@@ -10,6 +10,7 @@ from detectron2.config import CfgNode as CN
 from .defenses.config import add_defense_config
 
 __all__ = [
+    "add_adv_train_config",
     "add_corruption_config",
     "add_registered_config",
     "add_robustness_config",
@@ -107,6 +108,11 @@ def add_robustness_config(cfg):
     _C.ROBUSTNESS.QUANTIZE = False
     # Score clean and clean+defense cells too.
     _C.ROBUSTNESS.INCLUDE_CLEAN = True
+    # Other checkpoints of the same architecture swept with the same settings and reported as
+    # defense rows beside the input transforms, "name=path" each (e.g. an adversarially trained
+    # model: "adv_train=checkpoints/upsnet_tiny_synthetic_adv.pth"); MODEL.WEIGHTS is the
+    # undefended reference. Their rows are "name" and "name+<defense>".
+    _C.ROBUSTNESS.COMPARE_WEIGHTS = []
     # Images (<= 0: all) of the test set; keeps quick sweeps quick.
     _C.ROBUSTNESS.MAX_IMAGES = 0
     # Image grids (adversarial image, panoptic result, amplified difference) for this many images.
@@ -193,3 +199,31 @@ def add_sea_config(cfg):
     _C.ROBUSTNESS.SEA.FAST_MEMBERS = ["apgd:balanced_masked_ce"]
     # Iterations per "sea_fast" member (equal to NUM_STEPS, its pass is shared with "sea").
     _C.ROBUSTNESS.SEA.FAST_NUM_STEPS = 100
+
+
+def add_adv_train_config(cfg):
+    """ADV_TRAIN: adversarial training in the Trainer (engine/adversarial_training.py)."""
+    _C = cfg
+    _C.ADV_TRAIN = CN()
+    _C.ADV_TRAIN.ENABLED = False
+    # "fgsm_rs" (FGSM from a random start, step 1.25 eps), "n_fgsm" (noise 2 eps, step eps, no
+    # projection) or "pgd" (NUM_STEPS projected steps of 2.5 eps / NUM_STEPS).
+    _C.ADV_TRAIN.ATTACK = "fgsm_rs"
+    # L-inf budget on the 0-255 scale of INPUT.FORMAT, reached linearly over EPS_WARMUP_ITERS.
+    _C.ADV_TRAIN.EPS = 8.0
+    _C.ADV_TRAIN.EPS_WARMUP_ITERS = 0
+    _C.ADV_TRAIN.STEP_SIZE = 0.0  # <= 0: the attack's default (see ATTACK)
+    _C.ADV_TRAIN.NUM_STEPS = 1  # PGD-K's K (the single-step attacks ignore it)
+    _C.ADV_TRAIN.NOISE = 2.0  # N-FGSM's noise radius, in multiples of eps
+    _C.ADV_TRAIN.RATIO = 1.0  # share of each batch's images replaced by adversarial ones
+    _C.ADV_TRAIN.SEED = 0  # crafting noise: per (seed, iteration, process)
+    # What the attack maximises: "train_losses" (the model's own) or a registered dense objective.
+    _C.ADV_TRAIN.OBJECTIVE = "train_losses"
+    # Guard against catastrophic overfitting (engine/overfitting_guard.py): every PERIOD
+    # iterations (0: off) a PGD check on IMAGES fixed training images; a collapse rolls back.
+    _C.ADV_TRAIN.GUARD = CN()
+    _C.ADV_TRAIN.GUARD.PERIOD = 0
+    _C.ADV_TRAIN.GUARD.IMAGES = 2
+    _C.ADV_TRAIN.GUARD.NUM_STEPS = 10
+    _C.ADV_TRAIN.GUARD.ACC_DROP = 0.2  # robust pixel accuracy drop (fraction) that is a collapse
+    _C.ADV_TRAIN.GUARD.LOSS_RISE = 1.5  # PGD loss factor that, with a falling FGSM loss, is one

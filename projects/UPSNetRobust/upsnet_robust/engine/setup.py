@@ -7,7 +7,12 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_registered_config, add_robustness_config, add_upsnet_config
+from ..config import (
+    add_adv_train_config,
+    add_registered_config,
+    add_robustness_config,
+    add_upsnet_config,
+)
 from .plugins import load_plugins
 
 __all__ = ["get_upsnet_cfg", "merge_with_hints", "setup_cfg"]
@@ -20,6 +25,7 @@ def get_upsnet_cfg() -> CfgNode:
     cfg = get_cfg()
     add_upsnet_config(cfg)
     add_robustness_config(cfg)
+    add_adv_train_config(cfg)
     add_registered_config(cfg)
     return cfg
 

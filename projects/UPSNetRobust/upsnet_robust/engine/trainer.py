@@ -2,13 +2,17 @@
 """The UPSNetRobust trainer: detectron2's DefaultTrainer with UPSNet's data, evaluators and a
 safe checkpointer, and multi-process training on CPU."""
 import contextlib
+import copy
 import logging
 import os
+import random
 import weakref
 
+import numpy as np
 import torch
 
 from detectron2.data import (
+    DatasetCatalog,
     DatasetMapper,
     MetadataCatalog,
     build_detection_test_loader,
@@ -23,13 +27,15 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 
-from ..adapters.base import AdapterInference, adapter_class, build_adapter
+from ..adapters.base import AdapterInference, adapter_class, build_adapter, unwrap_model
 from ..evaluation import AdversarialInference, MultiVariantEvaluator, PanopticSemSegEvaluator
 from ..evaluation.checks import check_early_stop
 from ..evaluation.evaluators import build_task_evaluator
 from ..evaluation.robust_mapper import RobustMapper, objective_needs_segments
 from ..modeling import UPSNetCheckpointer
 from ..threats import StepContext, check_threats, expand_threats, threat_kind
+from .adversarial_training import AdversarialBatches, AdversarialExamples
+from .overfitting_guard import OverfittingGuard
 
 __all__ = ["Trainer", "build_checkpointer"]
 
@@ -74,6 +80,11 @@ class Trainer(DefaultTrainer):
         self.checkpointer = build_checkpointer(
             cfg, self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        if cfg.ADV_TRAIN.ENABLED:
+            # every training batch is crafted against the current model before its step
+            self._trainer.data_loader = AdversarialBatches(
+                self._trainer.data_loader, AdversarialExamples(cfg), weakref.proxy(self)
+            )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -152,14 +163,48 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """detectron2's hooks, plus attacked evaluation every ROBUSTNESS.TRAIN_EVAL_PERIOD
-        iterations when it is > 0 (registered on every process, like EvalHook)."""
+        iterations when it is > 0 (registered on every process, like EvalHook), and the guard
+        against catastrophic overfitting of adversarial training (ADV_TRAIN.GUARD.PERIOD)."""
         ret = super().build_hooks()
+        guard = self.cfg.ADV_TRAIN.GUARD
+        if self.cfg.ADV_TRAIN.ENABLED and guard.PERIOD > 0:
+            ret.insert(-1, self.build_overfitting_guard(self.cfg, self.model))
         period = self.cfg.ROBUSTNESS.TRAIN_EVAL_PERIOD
         if period > 0:
             # fail now, not at the first evaluation hours into training
             self._check_attacks(self.cfg, self.model)
             ret.insert(-1, hooks.EvalHook(period, lambda: self.test_with_attack(self.cfg, self.model)))
         return ret
+
+    @classmethod
+    def build_overfitting_guard(cls, cfg, model) -> OverfittingGuard:
+        """The guard on the last ADV_TRAIN.GUARD.IMAGES training images, mapped once by the
+        training mapper under a fixed seed (the same batch on every process)."""
+        guard = cfg.ADV_TRAIN.GUARD
+        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[-guard.IMAGES:]
+        mapper = adapter_class(cfg.MODEL.META_ARCHITECTURE).train_mapper(cfg)
+        mapper = mapper or DatasetMapper(cfg, is_train=True)
+        state = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+        try:
+            torch.manual_seed(cfg.ADV_TRAIN.SEED)
+            np.random.seed(cfg.ADV_TRAIN.SEED)
+            random.seed(cfg.ADV_TRAIN.SEED)
+            batch = [mapper(copy.deepcopy(d)) for d in dicts]
+        finally:
+            torch.random.set_rng_state(state[0])
+            np.random.set_state(state[1])
+            random.setstate(state[2])
+        metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        return OverfittingGuard(
+            batch,
+            AdversarialExamples(cfg),
+            adapter_class(unwrap_model(model))(unwrap_model(model), metadata),
+            period=guard.PERIOD,
+            num_steps=guard.NUM_STEPS,
+            acc_drop=guard.ACC_DROP,
+            loss_rise=guard.LOSS_RISE,
+            output_dir=cfg.OUTPUT_DIR,
+        )
 
     @staticmethod
     def _check_attacks(cfg, model):

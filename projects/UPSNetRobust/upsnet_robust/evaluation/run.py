@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 from ..adapters.base import AdapterInference, build_adapter
 from ..utils.image import tensor_to_hwc_uint8
+from .compare_weights import compare_weights_entries, sweep_compared_weights
 from .examples import save_example_grid
 from .report import format_table, write_report
 from .sweep import RobustnessSweep
@@ -95,23 +96,32 @@ def run_robustness_sweep(cfg, model, config_file: str = "", mapper=None):
     output_dir = cfg.OUTPUT_DIR
     if cfg.ROBUSTNESS.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
+    compare_weights_entries(cfg)  # a bad entry fails now, not after the first sweep
     # the clean panels of the example grids are drawn from predictions in the data set's ids
     adapter = build_adapter(cfg, model)
-    sweep = RobustnessSweep(
-        cfg,
-        model,
-        cfg.MODEL.WEIGHTS,
-        output_dir,
-        on_example=_example_writer(cfg, output_dir, AdapterInference(adapter)),
-        adapter=adapter,
-        mapper=mapper,
+
+    def sweep(weights: str, examples_dir: str):
+        return RobustnessSweep(
+            cfg,
+            model,
+            weights,
+            output_dir,
+            on_example=_example_writer(cfg, examples_dir, AdapterInference(adapter)),
+            adapter=adapter,
+            mapper=mapper,
+        ).run()
+
+    cells = sweep(cfg.MODEL.WEIGHTS, output_dir)
+    # other checkpoints of the architecture (e.g. adversarially trained) as defense rows
+    cells += sweep_compared_weights(
+        cfg, model, lambda weights, name: sweep(weights, os.path.join(output_dir, name))
     )
-    cells = sweep.run()
     if not comm.is_main_process():
         return None
     metadata = {
         "config_file": config_file,
         "weights": cfg.MODEL.WEIGHTS,
+        "compared_weights": list(cfg.ROBUSTNESS.COMPARE_WEIGHTS),
         "dataset": cfg.DATASETS.TEST[0],
         "hardware": hardware_description(cfg.MODEL.DEVICE),
         "batch_size": cfg.ROBUSTNESS.BATCH_SIZE,

@@ -17,6 +17,7 @@ from .corruptions import corruption_summaries, plot_metric_vs_severity
 from .markdown import markdown_report
 from .ranking import defense_ranking
 from .tables import csv_text
+from .tradeoff import TRADEOFF_FILE, plot_tradeoff, tradeoff_markdown, tradeoff_rows
 
 __all__ = ["REPORT_FILES", "write_report"]
 
@@ -104,12 +105,15 @@ def write_report(
     # (no eps, no adversary) have their own section and figure
     eps_cells = [c for c in cells if c.get("corruption") is None]
     md = markdown_report(eps_cells, kind, metadata, checks, METRIC_TOLERANCE)
-    section = corruption_markdown(cells)
-    if section:
-        md = md.rstrip("\n") + "\n\n" + "\n".join(section)
+    for section in (tradeoff_markdown(eps_cells), corruption_markdown(cells)):
+        if section:
+            md = md.rstrip("\n") + "\n\n" + "\n".join(section)
     atomic_write(paths["md"], md)
     for key, plot in _plotters().items():
         plot(eps_cells, paths[key])
+    if len(tradeoff_rows(eps_cells)) > 1:  # several defense rows (transforms, checkpoints)
+        paths["tradeoff"] = os.path.join(output_dir, TRADEOFF_FILE)
+        plot_tradeoff(eps_cells, paths["tradeoff"])
     if corruptions is not None:
         paths["metric_vs_severity"] = os.path.join(output_dir, METRIC_VS_SEVERITY_FILE)
         plot_metric_vs_severity(cells, paths["metric_vs_severity"])
