@@ -395,3 +395,30 @@ def test_a_kind_with_a_prepare_phase_fits_once_and_resumes(synthetic_cityscapes_
     finally:
         THREAT_REGISTRY._obj_map.pop("pytest_universal")
         _ORDER.remove("pytest_universal")
+
+
+def test_a_kind_declares_its_own_config_keys():
+    from upsnet_robust.threats import ThreatKind, ThreatSpec, register_threat
+    from upsnet_robust.threats.registry import _ORDER, THREAT_REGISTRY
+
+    @register_threat("pytest_levels")
+    class Levels(ThreatKind):
+        @staticmethod
+        def add_config(cfg):
+            cfg.ROBUSTNESS.PYTEST_LEVELS = [1]
+
+        @classmethod
+        def expand(cls, cfg, include_adaptive=True):
+            return [ThreatSpec.make(cls.name, "pytest_levels", params={"level": v})
+                    for v in cfg.ROBUSTNESS.PYTEST_LEVELS]  # fmt: skip
+
+    before = [f for f in _CONFIG_FUNCTIONS if f is not Levels.add_config]
+    try:
+        cfg = get_upsnet_cfg()
+        cfg.merge_from_list(["ROBUSTNESS.PYTEST_LEVELS", "[2, 3]", "ROBUSTNESS.ATTACKS", "[]"])
+        specs = expand_threats(cfg)
+        assert [s.param("level") for s in specs if s.kind == "pytest_levels"] == [2, 3]
+    finally:
+        THREAT_REGISTRY._obj_map.pop("pytest_levels")
+        _ORDER.remove("pytest_levels")
+        _CONFIG_FUNCTIONS[:] = before

@@ -5,6 +5,7 @@ from typing import List, Mapping
 
 from detectron2.utils.registry import Registry
 
+from ..config import register_config
 from ..utils.registry import subclass_decorator
 from .base import ThreatKind, ThreatProperties, ThreatSpec
 
@@ -14,6 +15,7 @@ __all__ = [
     "check_threats",
     "expand_threats",
     "kind_of",
+    "kinds",
     "name_properties",
     "register_threat",
     "threat_kind",
@@ -29,7 +31,9 @@ images that are scored. Registered with :func:`register_threat`; expanded in reg
 
 def register_threat(name: str):
     """Class decorator: register a :class:`ThreatKind` subclass under ``name`` (sets
-    ``cls.name``). Kinds expand in registration order (clean, attacks, ensembles, ...)."""
+    ``cls.name``). Kinds expand in registration order (clean, attacks, ensembles, ...). A kind
+    that defines ``add_config(cfg)`` (a static or class method adding its own keys) gets it
+    registered with :func:`upsnet_robust.config.register_config`."""
     if not isinstance(name, str) or not name or name != name.strip().lower():
         raise ValueError(f"Invalid threat kind name {name!r}: a lower-case name, e.g. 'attack'")
     deco = subclass_decorator(THREAT_REGISTRY, ThreatKind, name, attribute="name")
@@ -37,6 +41,8 @@ def register_threat(name: str):
     def register(cls):
         out = deco(cls)
         _ORDER.append(name)
+        if "add_config" in vars(cls):
+            register_config(cls.add_config)
         return out
 
     return register
