@@ -106,8 +106,10 @@ METADATA = {
 def test_write_report_files(tmp_path):
     cells = make_cells()
     paths = write_report(cells, str(tmp_path / "out"), METADATA)
+    # two defense rows (none, nlmeans): the robustness-accuracy trade-off figure too
     assert set(paths) == {
-        "json", "csv", "md", "pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size"
+        "json", "csv", "md", "pq_vs_eps", "time_vs_eps", "worst_case_vs_eps", "pq_by_size",
+        "tradeoff",
     }
     for p in paths.values():
         assert os.path.isfile(p) and os.path.getsize(p) > 0

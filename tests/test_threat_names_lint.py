@@ -5,7 +5,9 @@ properties instead (``Attack.single_step``, ``Objective.targeted``, ``ThreatProp
 
 An AST lint over the package: a comparison (``==``, ``!=``, ``in``, ``not in``) with a string
 literal, a tuple/list/set of them, or a module constant bound to one, equal to a registered name
-is a violation."""
+is a violation. A comparison with a ``task`` (a variable or attribute of that name) is not: task
+names (``MODEL.TRANSFORMERS.TASK "panoptic"``) are another namespace that happens to share a word
+with the ``panoptic`` objective."""
 import ast
 import os
 
@@ -52,6 +54,11 @@ def _strings(node, constants):
     return []
 
 
+def _is_task(node) -> bool:
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+    return name.lower() == "task"
+
+
 def violations(source: str, names, where: str):
     tree = ast.parse(source)
     constants = {
@@ -64,6 +71,8 @@ def violations(source: str, names, where: str):
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Compare):
+            continue
+        if any(_is_task(o) for o in [node.left, *node.comparators]):
             continue
         for operand in [node.left, *node.comparators]:
             for value in _strings(operand, constants):

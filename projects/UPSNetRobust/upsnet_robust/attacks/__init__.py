@@ -15,6 +15,7 @@ from .dense import DenseAttack
 from .fgsm import FGSM
 from .iterative import BIM, IFGSM, ILLC, PGD, kurakin_num_steps
 from .momentum import MIFGSM
+from .random_search import RandomSearch
 from .registry import (
     ATTACK_REGISTRY,
     UnknownAttackError,
@@ -44,6 +45,7 @@ __all__ = [
     "MIFGSM",
     "NonFiniteGradientError",
     "PGD",
+    "RandomSearch",
     "SegPGD",
     "UnknownAttackError",
     "apgd_checkpoints",

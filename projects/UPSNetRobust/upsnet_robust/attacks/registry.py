@@ -10,6 +10,7 @@ from .cospgd import CosPGD
 from .fgsm import FGSM
 from .iterative import BIM, IFGSM, ILLC, PGD
 from .momentum import MIFGSM
+from .random_search import RandomSearch
 from .segpgd import SegPGD
 
 __all__ = [
@@ -52,7 +53,7 @@ def register_attack(name: str):
     return register
 
 
-for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD):
+for _cls in (FGSM, IFGSM, BIM, PGD, MIFGSM, SegPGD, CosPGD, ILLC, APGD, RandomSearch):
     register_attack(_cls.name)(_cls)
 del _cls
 

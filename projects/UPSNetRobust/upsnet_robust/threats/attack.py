@@ -209,7 +209,8 @@ class AttackKind(ThreatKind):
             targeted = False
         return ThreatProperties(
             single_step=bool(attack.single_step),
-            iterative=not attack.single_step,
+            # several gradient steps (a gradient-free search is neither single-step nor this)
+            iterative=not attack.single_step and bool(attack.needs_gradients),
             targeted=targeted,
             needs_gradients=bool(attack.needs_gradients),
             needs_objective=True,

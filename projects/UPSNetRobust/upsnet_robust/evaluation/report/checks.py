@@ -35,6 +35,7 @@ __all__ = [
     "check_monotone_eps",
     "check_more_restarts",
     "check_more_steps",
+    "check_white_box_vs_random",
     "make_check",
     "sanity_checks",
 ]
@@ -353,6 +354,40 @@ def check_apgd_vs_pgd(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) 
     return checks
 
 
+def check_white_box_vs_random(
+    cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
+) -> List[Dict]:
+    """``white_box_vs_random``, per (objective, eps, defense, adaptive) with a gradient-free
+    eps-bounded cell (random search: it declares ``needs_gradients`` False) and untargeted
+    gradient attacks: ``score_white_box <= score_random + tol`` for each of them. A blind search
+    that beats a white-box attack means the gradients mislead it (gradient masking, the classic
+    sign of a defense or a robustly trained model that only looks robust)."""
+    _, s = _scored(cells)
+    checks = []
+    groups = _group(
+        [c for c in s.attacked if c.properties.eps_bounded and not c.properties.targeted],
+        lambda c: (c.objective, c.eps_value, c.defense_name, c.is_adaptive),
+    )
+    for (objective, eps, defense, adaptive), group in groups.items():
+        blind = [c for c in group if not c.properties.needs_gradients]
+        if not blind:
+            continue
+        ref = min_score(blind)
+        names = "/".join(unique(c.attack for c in blind))
+        for attack in unique(c.attack for c in group if c.properties.needs_gradients):
+            value = min_score([c for c in group if c.attack == attack])
+            ok = value <= ref + tol
+            label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+            detail = (
+                f"eps {fmt_eps(eps)}: {attack} {s.metric} {value:.2f} vs {names} {s.metric} "
+                f"{ref:.2f}; {'ok' if ok else 'gradient-free search STRONGER: gradient masking'}"
+                f" (tol {tol:g})"
+            )
+            checks.append(make_check(f"white_box_vs_random: {label} eps={fmt_eps(eps)}", ok,
+                                     detail))
+    return checks
+
+
 # Every kind of check, in report order.
 CHECKS = OrderedDict(
     [
@@ -364,6 +399,7 @@ CHECKS = OrderedDict(
         ("more_restarts", check_more_restarts),
         ("apgd_vs_pgd", check_apgd_vs_pgd),
         ("ensemble_vs_members", check_ensemble_vs_members),
+        ("white_box_vs_random", check_white_box_vs_random),
     ]
 )
 

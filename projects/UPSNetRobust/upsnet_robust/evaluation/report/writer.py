@@ -71,7 +71,10 @@ def write_report(
       ``time_vs_eps.png`` (:func:`~.plots.plot_time_vs_eps`), ``worst_case_vs_eps.png`` (its
       per-eps minimum over attacks, :func:`~.plots.plot_worst_case_vs_eps`) and
       ``pq_by_size.png`` (PQ of small/medium/large segments, :func:`~.plots.plot_pq_by_size`;
-      a figure saying n/a for cells without a size breakdown).
+      a figure saying n/a for cells without a size breakdown);
+    - ``robustness_accuracy_tradeoff.png`` (key "tradeoff", with two or more defense rows:
+      clean metric against the worst case per eps, :func:`~.tradeoff.plot_tradeoff`) and its
+      Markdown section.
 
     Args:
         cells (list[dict or ResultCell]): sweep cells.
