@@ -34,6 +34,7 @@ from upsnet_robust.evaluation.report import (
     split_by_model_task,
     write_report,
 )
+from upsnet_robust.threats import ThreatSpec
 
 EPS = (1.0, 4.0, 16.0)
 STEPS = {1.0: 2, 4.0: 5, 16.0: 20}
@@ -484,6 +485,28 @@ class _FakeSemanticModel(torch.nn.Module):
         return [{"sem_seg": logits}]
 
 
+def test_example_grids_are_titled_and_labelled_by_their_threat_kind(tmp_path, monkeypatch):
+    """A corruption's grid says "corrupted" and names corruption and severity; an attack's says
+    "adversarial" and eps."""
+    from conftest import tiny_cfg
+
+    from upsnet_robust.evaluation import run
+
+    calls = []
+    monkeypatch.setattr(run, "save_example_grid", lambda *a, **kw: calls.append(kw))
+    cfg = tiny_cfg("DATASETS.TEST", "('cityscapes_fine_panoptic_val',)")
+    write = run._example_writer(cfg, str(tmp_path), _FakeSemanticModel())
+    clean = torch.from_numpy(_image()).permute(2, 0, 1).float()
+    x = {"image": clean.to(torch.uint8), "image_id": "img0", "height": H, "width": W}
+    out = {"none": {"sem_seg": torch.zeros(19, H, W)}}
+    fog = ThreatSpec.make("corruption", "fog", params={"corruption": "fog", "severity": 3})
+    write(fog, x, clean, clean, {"none": clean}, out, clean_outputs=out["none"])
+    write(ThreatSpec.make("attack", "pgd", eps=8.0), x, clean, clean, {"none": clean}, out,
+          clean_outputs=out["none"])
+    assert [c["perturbed_label"] for c in calls] == ["corrupted", "adversarial"]
+    assert calls[0]["title"] == "fog severity 3 img0" and calls[1]["title"] == "pgd eps=8 img0"
+
+
 def test_example_writer_infers_and_draws_the_clean_prediction(tmp_path):
     from conftest import tiny_cfg
 
@@ -495,7 +518,7 @@ def test_example_writer_infers_and_draws_the_clean_prediction(tmp_path):
     clean = torch.from_numpy(_image()).permute(2, 0, 1).float()
     adv = (clean + 3.0).clamp(0, 255)
     x = {"image": clean.to(torch.uint8), "image_id": "img0", "height": H, "width": W}
-    spec = {"attack": "ifgsm", "eps": 4.0}
+    spec = ThreatSpec.make("attack", "ifgsm", eps=4.0)
     write(spec, x, clean, adv, {"none": adv}, {"none": {"sem_seg": torch.zeros(19, H, W)}})
 
     assert len(model.calls) == 1

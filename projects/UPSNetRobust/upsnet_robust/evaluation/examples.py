@@ -234,7 +234,7 @@ def _result_panel(image_bgr, result, metadata, name: str, h: int, w: int) -> np.
     return _panel(drawn, f"{name} {kind}" if kind else "", h, w)
 
 
-def _grid_rows(clean, adv, dfd, results, metadata, amplification, input_format):
+def _grid_rows(clean, adv, dfd, results, metadata, amplification, input_format, label):
     """The grid's panel rows (see the module docstring); ``dfd`` None: no defended row."""
     h, w = clean.shape[:2]
     amp = f"{amplification:g}"
@@ -254,8 +254,8 @@ def _grid_rows(clean, adv, dfd, results, metadata, amplification, input_format):
             _panel(None, "", h, w),
         ],
         [
-            _panel(adv_bgr, "adversarial", h, w),
-            _result_panel(adv_bgr, results["adv"], metadata, "adversarial", h, w),
+            _panel(adv_bgr, label, h, w),
+            _result_panel(adv_bgr, results["adv"], metadata, label, h, w),
             difference(adv, "adv"),
         ],
     ]
@@ -283,6 +283,7 @@ def save_example_grid(
     amplification: float = 10.0,
     input_format: str = "BGR",
     title: Optional[str] = None,
+    perturbed_label: str = "adversarial",
 ) -> str:
     """Save a labelled PNG grid comparing clean, adversarial and (optionally) defended inputs
     and the model's result on each, so a reader sees what the attack changed.
@@ -308,6 +309,7 @@ def save_example_grid(
         amplification (float): factor on |difference| before clipping to [0, 255].
         input_format (str): "BGR" or "RGB", the channel order of the images.
         title (str): optional title strip on top (e.g. "I-FGSM eps=4, nlmeans").
+        perturbed_label (str): the label of the second row ("corrupted" for a corruption).
 
     Returns:
         str: ``path``.
@@ -324,7 +326,9 @@ def save_example_grid(
     elif panoptic_def is not None:
         logger.warning("panoptic_def given without defended_image; the defended row is skipped")
     results = {"clean": panoptic_clean, "adv": panoptic_adv, "def": panoptic_def}
-    rows = _grid_rows(clean, adv, dfd, results, metadata, amplification, input_format)
+    rows = _grid_rows(
+        clean, adv, dfd, results, metadata, amplification, input_format, perturbed_label
+    )
     grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     if title:
         strip = np.zeros((TITLE_HEIGHT, grid.shape[1], 3), np.uint8)

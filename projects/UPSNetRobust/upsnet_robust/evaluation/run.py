@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 from ..adapters.base import AdapterInference, build_adapter
 from ..utils.image import tensor_to_hwc_uint8
+from ..threats import threat_kind
 from .compare_weights import compare_weights_entries, sweep_compared_weights
 from .examples import save_example_grid
 from .report import format_table, write_report
@@ -58,6 +59,7 @@ def _example_writer(cfg, output_dir, model):
             clean_outputs = _clean_prediction(model, x, clean)
         defended_name = next((d for d in defended if d != "none"), None)
         name = f"{spec['attack']}_eps{spec['eps']:g}_{x.get('image_id', 'image')}.png"
+        kind = threat_kind(spec.kind)
         save_example_grid(
             os.path.join(folder, name),
             tensor_to_hwc_uint8(clean),
@@ -69,7 +71,8 @@ def _example_writer(cfg, output_dir, model):
             panoptic_clean=clean_outputs,
             amplification=cfg.ROBUSTNESS.DIFF_AMPLIFICATION,
             input_format=cfg.INPUT.FORMAT,
-            title=f"{spec['attack']} eps={spec['eps']:g} {x.get('image_id', '')}",
+            title=f"{kind.example_title(spec)} {x.get('image_id', '')}",
+            perturbed_label=kind.example_label,
         )
 
     return write

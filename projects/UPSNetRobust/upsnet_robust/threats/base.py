@@ -321,6 +321,14 @@ class ThreatKind:
         return spec.name
 
     @classmethod
+    def example_title(cls, spec: ThreatSpec) -> str:
+        """The title of the pass's example grids."""
+        return f"{spec.name} eps={spec.eps:g}"
+
+    #: The label of the perturbed row of the example grids.
+    example_label = "adversarial"
+
+    @classmethod
     def prepare(cls, cfg, spec: ThreatSpec, context: StepContext, cache_dir: str) -> None:
         """Optional phase before the pass (``properties.needs_training_split``): e.g. fit a
         universal perturbation or a patch on the training split (``cfg.DATASETS.TRAIN``), stored

@@ -136,6 +136,12 @@ class CorruptionKind(ThreatKind):
     def example_name(cls, spec: ThreatSpec) -> str:
         return cls.tag(spec)
 
+    example_label = "corrupted"
+
+    @classmethod
+    def example_title(cls, spec: ThreatSpec) -> str:
+        return f"{spec.param('corruption')} severity {spec.param('severity')}"
+
     @classmethod
     def prepare(cls, cfg, spec: ThreatSpec, context: StepContext, cache_dir: str) -> None:
         """Run the corruption once on a blank 32x32 image: its one-off set-up (glass_blur's
