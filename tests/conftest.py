@@ -13,6 +13,20 @@ torch.set_flush_denormal(True)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny.yaml")
+# A few training iterations of a tiny model on the 64x128 test data.
+TRAIN_OPTS = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "DATALOADER.NUM_WORKERS", "0",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+]
 
 
 def tiny_cfg(*opts):

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from conftest import REPO_ROOT, make_panoptic_input, tiny_cfg
+from conftest import TRAIN_OPTS as TINY_TRAIN_OPTS
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -17,21 +18,7 @@ from upsnet_robust.engine.adversarial_training import AdversarialExamples, craft
 from upsnet_robust.engine.overfitting_guard import OverfittingGuard, guard_decision
 
 SHIPPED = os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth")
-TRAIN_OPTS = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "3",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "()",
-    "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "ADV_TRAIN.ENABLED", "True",
-    "ADV_TRAIN.EPS", "4.0",
-]
+TRAIN_OPTS = [*TINY_TRAIN_OPTS, "ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.EPS", "4.0"]
 
 
 # ----------------------------------------------------------------------------- craft()

@@ -8,25 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, TRAIN_OPTS, tiny_cfg
 from detectron2.modeling import build_model
 
 from upsnet_robust.engine import Trainer, build_checkpointer
 
 SHIPPED = os.path.join(REPO_ROOT, "checkpoints", "upsnet_tiny_synthetic.pth")
-TRAIN_OPTS = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "3",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "()",
-    "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-]
 
 
 def test_trainer_runs_iterations_and_checkpoint_loads_safely(synthetic_cityscapes_names, tmp_path):
