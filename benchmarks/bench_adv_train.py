@@ -17,9 +17,11 @@ standard model's + 10, against ``sea`` and against the worst of PGD / SegPGD / C
 >= the standard model's - 5.
 
     python benchmarks/bench_adv_train.py [--quick] [--images 10] [--eps 4 8 16]
-    python benchmarks/bench_adv_train.py --train-config configs/Synthetic/panoptic_fpn_tiny_adv.yaml \
+    python benchmarks/bench_adv_train.py \
+        --train-config configs/Synthetic/panoptic_fpn_tiny_adv.yaml \
         --config-file configs/Synthetic/panoptic_fpn_tiny_robustness.yaml \
-        --weights checkpoints/panoptic_fpn_tiny_synthetic.pth
+        --weights checkpoints/panoptic_fpn_tiny_synthetic.pth \
+        [--robust-weights checkpoints/panoptic_fpn_tiny_synthetic_adv.pth]
 """
 
 import argparse
@@ -110,7 +112,8 @@ def _train(args) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"training failed with exit code {proc.returncode}")
-    cpu = after.children_user - before.children_user + after.children_system - before.children_system
+    cpu = (after.children_user - before.children_user
+           + after.children_system - before.children_system)
     return {"weights": os.path.join(out, "model_final.pth"), "command": " ".join(cmd[1:]),
             "wall_min": (time.perf_counter() - start) / 60, "cpu_min": cpu / 60}
 
@@ -202,7 +205,8 @@ def run(args) -> dict:
         "goals": goals,
         "headline": [
             bu.headline("adversarial / standard step time", cost["ratio"], "x"),
-            bu.headline("robust PQ gain under sea, eps 8", goals.get("8", {}).get("sea_gain"), "PQ"),
+            bu.headline("robust PQ gain under sea, eps 8",
+                        goals.get("8", {}).get("sea_gain"), "PQ"),
         ],
     }
 
@@ -211,7 +215,8 @@ def print_report(result: dict) -> None:
     print(f"{result['images']} images, {bu.hardware_line(result['hardware'])}")
     c = result["cost"]
     print(f"step time: standard {c['standard_s_per_step']:.2f} s, adversarial "
-          f"{c['adversarial_s_per_step']:.2f} s ({c['attack']} eps {c['eps']:g}): x{c['ratio']:.2f}")
+          f"{c['adversarial_s_per_step']:.2f} s ({c['attack']} eps {c['eps']:g}): "
+          f"x{c['ratio']:.2f}")
     if result["training"]:
         t = result["training"]
         print(f"adversarial training: {t['wall_min']:.1f} min wall, {t['cpu_min']:.1f} CPU-min")

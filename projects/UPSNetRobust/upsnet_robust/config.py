@@ -12,6 +12,7 @@ from .defenses.config import add_defense_config
 __all__ = [
     "add_adv_train_config",
     "add_corruption_config",
+    "add_fast_path_config",
     "add_registered_config",
     "add_robustness_config",
     "add_sea_config",
@@ -132,20 +133,7 @@ def add_robustness_config(cfg):
     # EOT samples (mask draws averaged per attack step) for randomised defenses (TVM); <= 0 means
     # the default 4. Deterministic defenses always use 1.
     _C.ROBUSTNESS.EOT_SAMPLES = 4
-    # --- Fast paths (issue: performance); none of them changes what is measured. ---
-    # Images attacked together: one model run per attack step for the whole batch (per-image
-    # eps-balls, seeds and objective values on a zero-padded batch) and one batched inference
-    # per defense. Adaptive passes attack one image at a time.
-    _C.ROBUSTNESS.BATCH_SIZE = 1
-    # Worker processes for CPU defenses (0: in the main process); they defend a batch's images
-    # in parallel while the model infers the variants already available.
-    _C.ROBUSTNESS.DEFENSE_WORKERS = 0
-    # Mixed precision for the attack's forward/backward: "" (off), "bfloat16" or "float16"
-    # (torch.autocast on MODEL.DEVICE; meant for GPUs). Inference and scoring stay float32.
-    # Unlike the keys above it can change the adversarial images, so it is part of a pass's key.
-    _C.ROBUSTNESS.AMP = ""
-    # Convert the model to channels-last memory format (faster convolutions on tensor cores).
-    _C.ROBUSTNESS.CHANNELS_LAST = False
+    add_fast_path_config(_C)
 
     # Set by the tools for LazyConfig runs: the model and test-data nodes as text, so the sweep's
     # cache fingerprint follows the model definition (empty for YAML configs).
@@ -167,6 +155,26 @@ def add_corruption_config(cfg):
     # every severity below; images are corrupted with a seed per image, corruption and severity.
     _C.ROBUSTNESS.CORRUPTIONS = list(CORRUPTIONS)
     _C.ROBUSTNESS.SEVERITIES = list(SEVERITIES)  # 1 (mildest) to 5
+
+
+def add_fast_path_config(cfg):
+    """ROBUSTNESS keys of the fast paths: batching, defense workers, mixed precision, memory
+    format."""
+    _C = cfg
+    # None of them changes what is measured (AMP aside: it is part of a pass's key).
+    # Images attacked together: one model run per attack step for the whole batch (per-image
+    # eps-balls, seeds and objective values on a zero-padded batch) and one batched inference
+    # per defense. Adaptive passes attack one image at a time.
+    _C.ROBUSTNESS.BATCH_SIZE = 1
+    # Worker processes for CPU defenses (0: in the main process); they defend a batch's images
+    # in parallel while the model infers the variants already available.
+    _C.ROBUSTNESS.DEFENSE_WORKERS = 0
+    # Mixed precision for the attack's forward/backward: "" (off), "bfloat16" or "float16"
+    # (torch.autocast on MODEL.DEVICE; meant for GPUs). Inference and scoring stay float32.
+    # Unlike the keys above it can change the adversarial images, so it is part of a pass's key.
+    _C.ROBUSTNESS.AMP = ""
+    # Convert the model to channels-last memory format (faster convolutions on tensor cores).
+    _C.ROBUSTNESS.CHANNELS_LAST = False
 
 
 def add_sea_config(cfg):

@@ -234,11 +234,10 @@ class AdversarialExamples:
             adapter.dense_targets = _training_labels
             return build_objective(self.objective, adapter, batch, seed=seed, batched=True)
         sizes = [tuple(d["image"].shape[-2:]) for d in batch]
-        n = len(batch)
 
         def loss(x):
-            inputs = [dict(d, image=x[i, :, :h, :w]) for i, d, (h, w) in zip(range(n), batch, sizes)]
-            return sum(model(inputs).values())
+            crops = [x[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+            return sum(model([dict(d, image=c) for d, c in zip(batch, crops)]).values())
 
         return loss
 
