@@ -62,6 +62,17 @@ def make_panoptic_input(height=64, width=128, seed=0, float_image=False):
     return {"image": image, "instances": inst, "sem_seg": sem, "height": height, "width": width}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: intra-op threads only add synchronisation (on a loaded
+    machine their spinning makes each call far slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model_cfg():
     return tiny_cfg()

@@ -40,13 +40,7 @@ V_NP = _RNG.normal(size=(NUM_CLASSES, HIDDEN)) * 3.0
 C_NP = _RNG.normal(size=NUM_CLASSES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (~100x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _t(a, like):

@@ -37,14 +37,7 @@ NAMES = ("masked_ce", "balanced_masked_ce", "js_divergence", "masked_spherical")
 FUNCTIONS = dict(zip(NAMES, (masked_ce, balanced_masked_ce, js_divergence, masked_spherical)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are small: intra-op threads only add synchronisation (and on a loaded
-    machine their spinning makes each call far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------

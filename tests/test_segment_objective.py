@@ -30,12 +30,7 @@ from upsnet_robust.evaluation import RobustMapper, RobustnessSweep
 IGNORE = 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_segment_loss(logits, segments, classes):
