@@ -183,6 +183,29 @@ def test_batched_hook_takes_the_image_by_image_step(model, val_inputs, objective
             assert (adv[big] == expected[big]).float().mean() > 0.999
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_records_carry_each_images_objective_at_its_adversarial_image(model, val_inputs,
+                                                                     batch_size):
+    """The hook records, per image, the objective's value at the image the attack returned
+    (what the report's loss_rises_with_eps check reads): recomputed here image by image; an
+    early-stopping attack (its returned point is not its highest loss) records none."""
+    common = dict(objective="semantic_ce", defenses=OrderedDict(none=None), seed=3)
+    wrapper, _, seen = _run_hook(model, val_inputs, attack=IFGSM(4.0), batch_size=batch_size,
+                                 **common)  # fmt: skip
+    losses = {r["image_id"]: r["attack_loss"] for r in wrapper.records}
+    for x in val_inputs:
+        adv = seen[x["image_id"]][1]
+        with torch.no_grad():
+            clean_value = build_objective("semantic_ce", model, [x], seed=3)(x["image"].float()[None])
+            value = build_objective("semantic_ce", model, [x], seed=3)(adv[None])
+        assert losses[x["image_id"]] == pytest.approx(float(value), rel=1e-4)
+        assert losses[x["image_id"]] > float(clean_value)  # the attack climbed
+    early = IFGSM(4.0)
+    early.early_stop = True
+    wrapper, _, _ = _run_hook(model, val_inputs, attack=early, batch_size=batch_size, **common)
+    assert all("attack_loss" not in r for r in wrapper.records)
+
+
 @pytest.mark.parametrize("objective", ["semantic_ce", "panoptic"])
 def test_batched_ifgsm_reaches_the_image_by_image_objective(model, val_inputs, objective):
     """I-FGSM (eps 4, 5 steps) at batch size 2 stays in each image's eps-ball and raises each

@@ -9,7 +9,9 @@ from upsnet_robust.evaluation.report import METRIC_TOLERANCE, sanity_checks
 from upsnet_robust.evaluation.report.checks import (
     ENSEMBLE_TOLERANCE,
     check_apgd_vs_pgd,
+    LOSS_TOLERANCE,
     check_ensemble_vs_members,
+    check_loss_rises_with_eps,
     check_more_steps,
 )
 
@@ -174,3 +176,58 @@ def test_every_built_in_objective_has_a_threat_model_text():
     # each declares its own description (the report's text), none falls back to the default
     generic = [n for n in built_in if objective_text(n) == "a registered objective"]
     assert generic == []
+
+
+# -- loss_rises_with_eps -------------------------------------------------------------------------
+def _loss_series(losses, **kw):
+    return [_cell("clean", 0, 60.0)] + [
+        _cell("pgd", e, 50.0 - e, attack_loss=v, **kw) for e, v in zip((1, 4, 8, 16), losses)
+    ]
+
+
+def test_loss_rising_with_eps_passes():
+    (check,) = check_loss_rises_with_eps(_loss_series([0.5, 1.2, 2.0, 2.0]))
+    assert check["passed"], check
+    assert check["check"] == "loss_rises_with_eps: pgd/train_losses/none"
+    assert "16: 2" in check["detail"]
+
+
+def test_loss_falling_with_eps_is_flagged_against_the_highest_smaller_eps():
+    # eps 16 is above eps 8 but below eps 4: compared with the highest loss so far
+    (check,) = check_loss_rises_with_eps(_loss_series([0.5, 2.0, 1.0, 1.5]))
+    assert not check["passed"]
+    assert "eps 8: 1 < 2 at eps 4" in check["detail"]
+    assert "16: 1.5 < 2 at eps 4" in check["detail"]
+
+
+def test_loss_check_tolerance_is_relative():
+    top = 10.0
+    within = top * (1 - LOSS_TOLERANCE) + 1e-6
+    beyond = top * (1 - LOSS_TOLERANCE) - 1e-3
+    assert check_loss_rises_with_eps(_loss_series([1.0, top, within, top]))[0]["passed"]
+    assert not check_loss_rises_with_eps(_loss_series([1.0, top, beyond, top]))[0]["passed"]
+
+
+def test_loss_check_skips_cells_without_a_loss_and_single_eps_series():
+    cells = _loss_series([0.5, 2.0, 1.0, 1.5])
+    for c in cells:
+        c.pop("attack_loss", None)
+    assert check_loss_rises_with_eps(cells) == []
+    one = [_cell("clean", 0, 60.0), _cell("pgd", 4, 40.0, attack_loss=1.0)]
+    assert check_loss_rises_with_eps(one) == []
+
+
+def test_loss_check_keeps_defenses_and_step_sizes_apart():
+    cells = _loss_series([1.0, 2.0, 3.0, 4.0]) + [
+        _cell("pgd", 8, 30.0, attack_loss=0.1, step_size=2.0),
+        _cell("pgd", 16, 20.0, attack_loss=0.2, step_size=2.0),
+        _cell("pgd", 8, 30.0, attack_loss=5.0, defense="median"),
+        _cell("pgd", 16, 20.0, attack_loss=1.0, defense="median"),
+    ]
+    checks = {c["check"]: c["passed"] for c in check_loss_rises_with_eps(cells)}
+    assert checks == {
+        "loss_rises_with_eps: pgd/train_losses/none step=1 random_start=True": True,
+        "loss_rises_with_eps: pgd/train_losses/none step=2 random_start=True": True,
+        "loss_rises_with_eps: pgd/train_losses/median": False,
+    }
+    assert "loss_rises_with_eps" in {c["check"].split(":")[0] for c in sanity_checks(cells)}

@@ -174,6 +174,16 @@ def test_sweep_outputs_resume_and_invalidation(synthetic_cityscapes_names, weigh
     ifgsm4 = next(c for c in cells if c["attack"] == "ifgsm" and c["eps"] == 4.0)
     assert ifgsm4["num_steps"] == 5 and ifgsm4["step_size"] == 1.0 and ifgsm4["num_images"] == 2
     assert ifgsm4["attack_passes_per_image"] == 5  # one forward+backward per step and image
+    # the objective at the adversarial images, one value per pass (every defense row shares
+    # it); it rises with eps, and the report says so
+    losses = {(c["attack"], c["eps"], c["defense"]): c.get("attack_loss") for c in cells}
+    for attack in ("fgsm", "ifgsm"):
+        assert losses[(attack, 4.0, "none")] == losses[(attack, 4.0, "nlmeans")]
+        assert losses[(attack, 4.0, "none")] > losses[(attack, 1.0, "none")] > 0
+    assert losses[("clean", 0.0, "none")] is None
+    checks = _read(os.path.join(out, "robustness.json"))["checks"]
+    rises = [c for c in checks if c["check"].startswith("loss_rises_with_eps")]
+    assert len(rises) == 4 and all(c["passed"] for c in rises), rises
     assert len(glob.glob(os.path.join(out, "examples", "*.png"))) == 2 * 2 * cfg.ROBUSTNESS.NUM_EXAMPLES
 
     # Interrupt: forget one finished pass and one image of another, then run again. The kept

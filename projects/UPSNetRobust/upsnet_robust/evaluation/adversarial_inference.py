@@ -240,6 +240,8 @@ class AdversarialInference(nn.Module):
                 records[j].update(result.stats)
                 if result.passes is not None:  # forward+backward passes this image needed
                     records[j]["attack_passes"] = int(result.passes[k])
+                if result.losses is not None:  # the objective at the returned image
+                    records[j]["attack_loss"] = float(result.losses[k])
         if self.settings.quantize:
             advs = [a.round().clamp(0, 255) for a in advs]
         outputs, defended = self._defend_and_infer(vx, advs, [records[j] for j in valid])

@@ -394,6 +394,9 @@ class RobustnessSweep:
                     if rec["failure"] is not None
                 ],
             }
+            losses = [rec["attack_loss"] for rec in ok if rec.get("attack_loss") is not None]
+            if ok and len(losses) == len(ok):  # mean objective value at the adversarial images
+                cell["attack_loss"] = _mean(losses)
             if spec.adaptive:
                 settings = self._adaptive_settings(spec.adaptive)
                 cell["surrogate"] = settings["surrogate"]

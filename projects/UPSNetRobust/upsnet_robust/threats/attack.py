@@ -21,7 +21,10 @@ from .base import ImageStep, StepContext, StepResult, ThreatKind, ThreatProperti
 from .base import canonical
 from .registry import register_threat
 
-__all__ = ["AttackKind", "AttackStep", "adaptive_defense_names", "attack_steps", "objective_for"]
+__all__ = [
+    "AttackKind", "AttackStep", "adaptive_defense_names", "attack_steps", "final_losses",
+    "objective_for",
+]
 
 # Mixed into an image's seed for its EOT mask stream (independent of the attack's own stream).
 _EOT_STREAM = 0x0E07
@@ -135,7 +138,21 @@ class AttackStep(ImageStep):
         passes = getattr(self.attack, "image_passes", None)
         advs = [adv[j, :, : im.shape[-2], : im.shape[-1]] for j, im in enumerate(images)]
         passes = [int(p) for p in passes] if passes is not None else None
-        return StepResult(advs, passes, stats, seconds)
+        # the loss at the returned point is the attack's maximum only when it keeps the
+        # highest-loss iterate and runs every step (not early stopping, not keeping accuracy)
+        keeps_loss = not self.attack.early_stop and getattr(self.attack, "keep", "loss") == "loss"
+        losses = final_losses(objective, adv) if keeps_loss else None
+        return StepResult(advs, passes, stats, seconds, losses)
+
+
+def final_losses(objective, adv: torch.Tensor) -> Optional[List[float]]:
+    """Each image's objective value at its adversarial point (one extra forward, outside the
+    timed attack), or None where the objective gives one value for the whole batch."""
+    with torch.no_grad():
+        value = objective(adv).detach().float().reshape(-1)
+    if value.numel() != adv.shape[0]:
+        return None
+    return [float(v) for v in value.cpu()]
 
 
 def _sync(device: torch.device):

@@ -179,12 +179,16 @@ class StepResult(NamedTuple):
         passes: per image, forward-backward passes it needed (None: not counted).
         stats: numbers recorded in every image's record (e.g. adaptive defense seconds).
         seconds: the batch's time as the step measured it (None: the hook times the call).
+        losses: per image, the objective's value at the returned image (None: not measured);
+            the report checks that it rises with eps (a flat or falling loss points at a
+            masked gradient or a broken step control).
     """
 
     images: List[torch.Tensor]
     passes: Optional[List[int]] = None
     stats: Dict[str, float] = {}
     seconds: Optional[float] = None
+    losses: Optional[List[float]] = None
 
 
 class ImageStep:

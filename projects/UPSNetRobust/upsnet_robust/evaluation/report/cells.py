@@ -90,6 +90,8 @@ class ResultCell:
     APl: Optional[float] = None
     attack_s_per_image: Optional[float] = None
     attack_passes_per_image: Optional[float] = None  # forward+backward passes per image
+    # mean objective value at the adversarial images (attacks that report it): rises with eps
+    attack_loss: Optional[float] = None
     defense_s_per_image: Optional[float] = None
     num_images: int = 0
     num_failed: int = 0

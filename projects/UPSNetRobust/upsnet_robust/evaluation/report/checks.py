@@ -26,12 +26,14 @@ __all__ = [
     "CHECKS",
     "ENSEMBLE_TOLERANCE",
     "METRIC_TOLERANCE",
+    "LOSS_TOLERANCE",
     "PQ_TOLERANCE",
     "check_adaptive_vs_transfer",
     "check_apgd_vs_pgd",
     "check_ensemble_vs_members",
     "check_all_cells_scored",
     "check_iterative_vs_single_step",
+    "check_loss_rises_with_eps",
     "check_monotone_eps",
     "check_more_restarts",
     "check_more_steps",
@@ -46,6 +48,10 @@ PQ_TOLERANCE = METRIC_TOLERANCE  # the name from the panoptic-only report
 
 # Absolute tolerance of ensemble_vs_members (rounding only; see that check).
 ENSEMBLE_TOLERANCE = 0.01
+
+# Relative tolerance of loss_rises_with_eps: objectives have no common scale, so a larger eps
+# may end up to 2 % (of the larger magnitude) below a smaller one before it is flagged.
+LOSS_TOLERANCE = 0.02
 
 
 def make_check(name: str, passed: bool, detail: str) -> Dict:
@@ -142,6 +148,54 @@ def check_monotone_eps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE)
         if bad:
             detail += "; increases beyond tolerance at eps " + "; ".join(bad)
         checks.append(make_check(f"monotone_eps: {label}", not bad, detail))
+    return checks
+
+
+def check_loss_rises_with_eps(
+    cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE
+) -> List[Dict]:
+    """``loss_rises_with_eps``, per (attack, objective, defense, adaptive, step size, random
+    start) series of cells that record ``attack_loss`` (the mean objective value at the
+    adversarial images) at two or more eps: each eps's loss must be at least the highest loss
+    at any smaller eps, less :data:`LOSS_TOLERANCE` of the larger magnitude (``tol`` is in
+    metric points and not used). A larger ball contains the smaller one and the sweep's step
+    rules never give it fewer steps, so an attack that climbs less in it is not finding its
+    maximum: the gradient-masking sign that the metric alone can hide (a robust model's metric
+    may barely move while its loss surface is flat). Where one eps has several step counts the
+    highest loss stands for it. Attacks that stop early or keep the most-wrong point record no
+    loss and are not checked."""
+    _, s = _scored(cells)
+    checks = []
+    series = _group(
+        [c for c in s.attacked if finite(c.attack_loss) is not None],
+        lambda c: (
+            c.attack, c.objective, c.defense_name, c.is_adaptive,
+            None if c.properties.single_step else finite(c.step_size),  # FGSM's step is eps
+            bool(c.random_start),
+        ),
+    )  # fmt: skip
+    variants = _group(series, lambda k: k[:4])
+    for key, group in series.items():
+        attack, objective, defense, adaptive, step, random_start = key
+        by_eps = _group(sorted(group, key=lambda c: c.eps_value), lambda c: c.eps_value)
+        if len(by_eps) < 2:
+            continue
+        points = [(e, max(c.attack_loss for c in cs)) for e, cs in by_eps.items()]
+        bad, best = [], None
+        for e, v in points:
+            if best is not None and v < best[1] - LOSS_TOLERANCE * max(abs(v), abs(best[1])):
+                bad.append(f"{fmt_eps(e)}: {v:.4g} < {best[1]:.4g} at eps {fmt_eps(best[0])}")
+            if best is None or v > best[1]:
+                best = (e, v)
+        curve = ", ".join(f"{fmt_eps(e)}: {v:.4g}" for e, v in points)
+        detail = f"{objective} loss at the adversarial images by eps [{curve}]"
+        if bad:
+            detail += "; the loss FALLS with eps at eps " + "; ".join(bad)
+        label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
+        name = f"loss_rises_with_eps: {label}"
+        if len(variants[key[:4]]) > 1:  # name the variant only where there are several
+            name += f" step={step if step is None else f'{step:g}'} random_start={random_start}"
+        checks.append(make_check(name, not bad, detail))
     return checks
 
 
@@ -393,6 +447,7 @@ CHECKS = OrderedDict(
     [
         ("all_cells_scored", check_all_cells_scored),
         ("monotone_eps", check_monotone_eps),
+        ("loss_rises_with_eps", check_loss_rises_with_eps),
         ("iterative_vs_single_step", check_iterative_vs_single_step),
         ("adaptive_vs_transfer", check_adaptive_vs_transfer),
         ("more_steps", check_more_steps),
