@@ -7,11 +7,15 @@ DATA_ROOT ?= datasets/synthetic_cityscapes
 TINY_CONFIG := configs/Synthetic/upsnet_tiny.yaml
 TINY_MODEL := checkpoints/upsnet_tiny_synthetic.pth
 SWEEP_CONFIG := configs/Synthetic/upsnet_tiny_robustness.yaml
-# The demo's panoptic models (shipped weights), their sweeps and a transfer study.
+# The demo's models (shipped weights), their sweeps and a transfer study: the three detectron2
+# panoptic models and `transformers`' Mask2Former (panoptic) and SegFormer (semantic, mIoU).
 DEMO_CONFIGS := $(SWEEP_CONFIG) configs/Synthetic/panoptic_fpn_tiny_robustness.yaml \
-	configs/Synthetic/panoptic_deeplab_tiny_robustness.yaml
+	configs/Synthetic/panoptic_deeplab_tiny_robustness.yaml \
+	configs/Synthetic/mask2former_tiny_robustness.yaml \
+	configs/Synthetic/segformer_tiny_robustness.yaml
 DEMO_RUNS := output/upsnet_tiny_robustness output/panoptic_fpn_tiny_robustness \
-	output/panoptic_deeplab_tiny_robustness
+	output/panoptic_deeplab_tiny_robustness output/mask2former_tiny_robustness \
+	output/segformer_tiny_robustness
 DEMO_IMAGES ?= 12
 # Written after the data set is generated: a data set from an older generator (without the
 # polygon files of the semantic and instance splits) is regenerated.
@@ -36,8 +40,8 @@ $(TINY_MODEL): | $(DATA_STAMP)
 	$(PYTHON) tools/export_weights.py output/upsnet_tiny/model_final.pth $@
 
 # The main job on the embedded default: data (if absent), then the study's protocol on the
-# shipped panoptic models (UPSNet, PanopticFPN, Panoptic-DeepLab; undefended and NL-means) on DEMO_IMAGES val
-# images, their transfer heatmap, and the models side by side.
+# shipped models (UPSNet, PanopticFPN, Panoptic-DeepLab, Mask2Former, SegFormer; undefended and
+# NL-means) on DEMO_IMAGES val images, their transfer heatmap, and the models side by side.
 demo: $(STAMP) $(TINY_MODEL) | $(DATA_STAMP)
 	@for c in $(DEMO_CONFIGS); do \
 		$(PYTHON) tools/attack_net.py --config-file $$c ROBUSTNESS.MAX_IMAGES $(DEMO_IMAGES) || exit 1; \

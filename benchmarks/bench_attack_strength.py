@@ -2,7 +2,8 @@
 # Copyright (c) UPSNetRobust authors.
 """Attack strength against cost: PQ after each attack versus its forward+backward passes.
 
-On the shipped tiny UPSNet (undefended, float images) at each eps it runs: PGD (semantic CE,
+On the shipped tiny UPSNet (or ``--config-file`` / ``--weights``: any panoptic or semantic
+model; a semantic model's rows hold mIoU) (undefended, float images) at each eps it runs: PGD (semantic CE,
 alpha 2, random start), SegPGD and CosPGD with ``--steps`` iterations each; ``sea`` (APGD with
 every dense loss, the members' per-image predictions combined into the worst dataset PQ), whose
 member cells are APGD with each loss alone; and the ``sea_fast`` preset. Passes are the
@@ -99,12 +100,14 @@ def _sweep(cfg, model, args):
 
 def _row(name, cell, seconds=None):
     passes = cell.get("attack_passes_per_image")
+    metric = cell.get("metric") or "PQ"  # mIoU for a semantic model
     return {
         "name": name,
         "attack": cell["attack"],
         "objective": cell.get("objective"),
         "eps": cell["eps"],
-        "PQ": cell.get("PQ"),
+        "metric": metric,
+        metric: cell.get(metric),
         "passes_per_image": passes,
         "attack_s_per_image": cell.get("attack_s_per_image"),
         "members": cell.get("members"),
@@ -138,53 +141,59 @@ def _attacked(cells, attack):
     raise RuntimeError(f"no {attack} cell among {[c['attack'] for c in cells]}")
 
 
+def _score(row):
+    return row[row.get("metric", "PQ")]
+
+
 def _goals(rows):
-    """The two goals per eps (None where a run is missing)."""
+    """The two goals per eps (None where a run is missing); in points of the rows' metric
+    (PQ, or mIoU for a semantic model), the keys named for PQ."""
     out = {}
     for eps in sorted({r["eps"] for r in rows}):
         at = {r["name"]: r for r in rows if r["eps"] == eps}
-        fixed = [r["PQ"] for n, r in at.items() if n.split("-")[0] in FIXED_STEP_ATTACKS]
+        fixed = [_score(r) for n, r in at.items() if n.split("-")[0] in FIXED_STEP_ATTACKS]
         sea, fast = at.get("sea"), at.get("sea_fast")
         goal = {"best_fixed_step_PQ": min(fixed) if fixed else None}
         if sea and fixed:
-            goal["sea_PQ"] = sea["PQ"]
-            goal["sea_2_below_best_fixed"] = bool(sea["PQ"] <= min(fixed) - 2)
+            goal["sea_PQ"] = _score(sea)
+            goal["sea_2_below_best_fixed"] = bool(_score(sea) <= min(fixed) - 2)
         if sea and fast:
             ratio = bu.ratio(fast["passes_per_image"], sea["passes_per_image"])
-            goal["sea_fast_PQ"] = fast["PQ"]
+            goal["sea_fast_PQ"] = _score(fast)
             goal["sea_fast_pass_ratio"] = ratio
             goal["sea_fast_within_1_PQ_at_25pct"] = bool(
-                fast["PQ"] <= sea["PQ"] + 1 and ratio <= 0.25
+                _score(fast) <= _score(sea) + 1 and ratio <= 0.25
             )
         out[f"{eps:g}"] = goal
     return out
 
 
-def _plot(rows, path):
+def _plot(rows, path, model="shipped tiny UPSNet"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clean = next((r["PQ"] for r in rows if r["name"] == "clean"), None)
+    clean = next((_score(r) for r in rows if r["name"] == "clean"), None)
+    metric = rows[0].get("metric", "PQ") if rows else "PQ"
     rows = [r for r in rows if r["name"] != "clean"]
     eps_values = sorted({r["eps"] for r in rows})
     fig, axes = plt.subplots(1, len(eps_values), figsize=(6 * len(eps_values), 4.5), squeeze=False)
     for ax, eps in zip(axes[0], eps_values):
         for r in (r for r in rows if r["eps"] == eps):
             marker = "*" if r["name"] in ENSEMBLES else "o"
-            ax.scatter(max(r["passes_per_image"] or 1, 1), r["PQ"], marker=marker, s=80)
-            ax.annotate(r["name"], (max(r["passes_per_image"] or 1, 1), r["PQ"]), fontsize=8,
+            ax.scatter(max(r["passes_per_image"] or 1, 1), _score(r), marker=marker, s=80)
+            ax.annotate(r["name"], (max(r["passes_per_image"] or 1, 1), _score(r)), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
         if clean is not None:
             ax.axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
             ax.legend(loc="center right", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("forward+backward passes per image")
-        ax.set_ylabel("PQ (undefended)")
+        ax.set_ylabel(f"{metric} (undefended)")
         ax.set_title(f"eps {eps:g}")
         ax.grid(alpha=0.3)
-    fig.suptitle("Attack strength vs cost (shipped tiny UPSNet)")
+    fig.suptitle(f"Attack strength vs cost ({model})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,8 +219,11 @@ def run(args) -> dict:
     for eps in eps_values:
         rows += _runs_at(args, device, model, eps)
     os.makedirs(bu.RESULTS_DIR, exist_ok=True)
-    plot = _plot(rows, os.path.join(bu.RESULTS_DIR, f"{NAME}.png"))
+    # the plot beside the result JSON (another model's run with --output keeps the default's)
+    base = os.path.splitext(args.output)[0] if args.output else os.path.join(bu.RESULTS_DIR, NAME)
+    plot = _plot(rows, base + ".png", os.path.basename(args.weights))
     goals = _goals([r for r in rows if r["name"] != "clean"])
+    metric = rows[0]["metric"]
     return {
         "hardware": bu.hardware_info(device),
         "device": device,
@@ -225,7 +237,7 @@ def run(args) -> dict:
         "goals": goals,
         "plot": os.path.relpath(plot, bu.REPO_ROOT),
         "headline": [
-            bu.headline(f"PQ under sea, eps {e}", g.get("sea_PQ"), "PQ",
+            bu.headline(f"{metric} under sea, eps {e}", g.get("sea_PQ"), metric,
                         f"best fixed-step attack {bu.format_value(g.get('best_fixed_step_PQ'))}")
             for e, g in goals.items()
         ],
@@ -235,10 +247,11 @@ def run(args) -> dict:
 def print_report(result: dict) -> None:
     print(f"{result['images']} images, {bu.hardware_line(result['hardware'])}")
     rows = [
-        (r["name"], r["eps"], r["PQ"], r["passes_per_image"], r["attack_s_per_image"])
+        (r["name"], r["eps"], _score(r), r["passes_per_image"], r["attack_s_per_image"])
         for r in result["rows"]
     ]
-    print(bu.format_table(("attack", "eps", "PQ", "passes/img", "s/img"), rows))
+    metric = result["rows"][0].get("metric", "PQ") if result["rows"] else "PQ"
+    print(bu.format_table(("attack", "eps", metric, "passes/img", "s/img"), rows))
     for eps, goal in result["goals"].items():
         print(f"eps {eps}: " + ", ".join(f"{k} {bu.format_value(v)}" for k, v in goal.items()))
     print(f"Plot: {result['plot']}")
