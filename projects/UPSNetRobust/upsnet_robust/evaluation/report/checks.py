@@ -106,6 +106,11 @@ def _ordered_not_weaker(points: List[Tuple[float, float]], tol: float, metric: s
     return bad
 
 
+def _variant(step: Optional[float], random_start: bool) -> str:
+    """The step-size variant in a check's name, where one series has several."""
+    return f" step={step if step is None else f'{step:g}'} random_start={random_start}"
+
+
 def _adaptive_suffix(adaptive: bool) -> str:
     return " (adaptive)" if adaptive else ""
 
@@ -194,7 +199,7 @@ def check_loss_rises_with_eps(
         label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
         name = f"loss_rises_with_eps: {label}"
         if len(variants[key[:4]]) > 1:  # name the variant only where there are several
-            name += f" step={step if step is None else f'{step:g}'} random_start={random_start}"
+            name += _variant(step, random_start)
         checks.append(make_check(name, not bad, detail))
     return checks
 
@@ -295,7 +300,7 @@ def check_more_steps(cells: Sequence[CellLike], tol: float = METRIC_TOLERANCE) -
         label = series_label(attack, objective, defense) + _adaptive_suffix(adaptive)
         name = f"more_steps: {label} eps={fmt_eps(eps)}"
         if len(several[key[:5]]) > 1:  # name the variant only where there are several
-            name += f" step={step if step is None else f'{step:g}'} random_start={random_start}"
+            name += _variant(step, random_start)
         checks.append(make_check(name, not bad, detail))
     return checks
 
