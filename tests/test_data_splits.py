@@ -138,6 +138,20 @@ def test_semantic_dicts(names, synthetic_cityscapes_root):
             assert d["sem_seg_file_name"] == _gt_prefix(d) + "labelTrainIds.png"
 
 
+def test_semantic_split_lists_the_images_by_name_as_the_panoptic_split(names, monkeypatch):
+    """detectron2's loader lists files in the file system's order; the split is sorted by file
+    name whatever that order is, so its first MAX_IMAGES are the panoptic split's. The listing is
+    reversed here to show it."""
+    from detectron2.data.datasets import cityscapes
+
+    listing = cityscapes.PathManager.ls
+    monkeypatch.setattr(cityscapes.PathManager, "ls", lambda path: sorted(listing(path))[::-1])
+    for sem_name, pan_name in zip(names["sem_seg"], names["panoptic"]):
+        files = [d["file_name"] for d in DatasetCatalog.get(sem_name)]
+        assert files == sorted(files)
+        assert files == [d["file_name"] for d in DatasetCatalog.get(pan_name)]
+
+
 def test_semantic_split_with_default_mapper(names):
     name = names["sem_seg"][1]
     for is_train in (True, False):  # the test-mode mapper keeps sem_seg too

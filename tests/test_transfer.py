@@ -119,3 +119,37 @@ def test_command_line_rejects_a_bad_config_before_work(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "no_such_split" in proc.stderr and "not registered" in proc.stderr
+
+
+def test_models_whose_splits_list_the_images_in_another_order(synthetic_cityscapes_names,
+                                                             two_weights, tmp_path):
+    """With MAX_IMAGES below the split's size, every model scores the first model's images,
+    found by name, even where its data set lists them in another order (a semantic split beside
+    a panoptic one)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    val = synthetic_cityscapes_names["val"]
+    dicts = DatasetCatalog.get(val)
+    assert len(dicts) == 2
+    reversed_name = val + "_reversed_for_transfer"
+    if reversed_name not in DatasetCatalog.list():
+        DatasetCatalog.register(reversed_name, lambda: list(reversed(DatasetCatalog.get(val))))
+        MetadataCatalog.get(reversed_name).set(**MetadataCatalog.get(val).as_dict() | {"name": reversed_name})
+    cfg_a = tiny_cfg("DATASETS.TEST", f"('{val}',)", "MODEL.WEIGHTS", two_weights[0],
+                     "OUTPUT_DIR", str(tmp_path / "a"), *OPTS, "ROBUSTNESS.MAX_IMAGES", "1")
+    cfg_b = tiny_cfg("DATASETS.TEST", f"('{reversed_name}',)", "MODEL.WEIGHTS", two_weights[1],
+                     "OUTPUT_DIR", str(tmp_path / "b"), *OPTS, "ROBUSTNESS.MAX_IMAGES", "1")
+    models = [TransferModel("a", cfg_a, _model(cfg_a)), TransferModel("b", cfg_b, _model(cfg_b))]
+    study = TransferStudy(models, str(tmp_path / "transfer"))
+    first = os.path.basename(dicts[0]["file_name"])
+    assert [os.path.basename(d["file_name"]) for d in models[1].dataset(study.keys)] == [first]
+    entries = study.run()
+    assert entries and all(e["num_images"] == 1 and e["num_failed"] == 0 for e in entries)
+    # the clean entry of b scores the image a was given, not b's own first image
+    clean_b = next(e for e in entries if e["source"] == "clean" and e["target"] == "b"
+                   and e["defense"] == "none")  # fmt: skip
+    cfg_only = tiny_cfg("DATASETS.TEST", f"('{val}',)", "MODEL.WEIGHTS", two_weights[1],
+                        "OUTPUT_DIR", str(tmp_path / "only"), *OPTS, "ROBUSTNESS.MAX_IMAGES", "1",
+                        "ROBUSTNESS.ATTACKS", "[]", "ROBUSTNESS.DEFENSES", "['none']")
+    own = run_robustness_sweep(cfg_only, _model(cfg_only))["cells"][0]
+    assert clean_b["PQ"] == pytest.approx(own["PQ"], abs=1e-9)

@@ -74,8 +74,8 @@ def get_cityscapes_instance_metadata() -> Dict:
 def load_cityscapes_semantic_checked(
     image_dir: str, gt_dir: str, fix_command: Optional[str] = None
 ) -> List[Dict]:
-    """detectron2's :func:`load_cityscapes_semantic`, after checking the files it reads, with
-    ``image_id`` added (``<city>_<seq>_<frame>``, as in the panoptic splits).
+    """detectron2's :func:`load_cityscapes_semantic`, after checking the files it reads, sorted by
+    file name, with ``image_id`` added (``<city>_<seq>_<frame>``, as in the panoptic splits).
 
     Args:
         image_dir (str): e.g. ``<root>/leftImg8bit/val``.
@@ -109,7 +109,10 @@ def load_cityscapes_semantic_checked(
             break
     else:
         raise _missing("Cityscapes *_leftImg8bit.png images", image_dir, fix_command)
-    dicts = load_cityscapes_semantic(image_dir, gt_dir)
+    # detectron2 lists the files in the file system's order; sorted, the split's order (and so
+    # ROBUSTNESS.MAX_IMAGES's subset) is the same on every machine and matches the panoptic
+    # split's, whose json lists the images by name
+    dicts = sorted(load_cityscapes_semantic(image_dir, gt_dir), key=lambda d: d["file_name"])
     for d in dicts:
         name = os.path.basename(d["file_name"])[: -len(_IMAGE_SUFFIX)]
         d["image_id"] = "_".join(name.split("_")[:3])

@@ -80,8 +80,14 @@ class TransferModel:
             (d, None if d == "none" else build_defense_from_cfg(cfg, d)) for d in names
         )
 
-    def dataset(self) -> List[Dict]:
+    def dataset(self, keys: Optional[Sequence[str]] = None) -> List[Dict]:
+        """The test images: the first ``ROBUSTNESS.MAX_IMAGES`` of the data set, or, given
+        ``keys``, the images with those :func:`image_key` s (whatever the data set's order: a
+        semantic split may list the images of a panoptic one in another order)."""
         dicts = DatasetCatalog.get(self.dataset_name)
+        if keys is not None:
+            wanted = set(keys)
+            return [d for d in dicts if image_key(d) in wanted]
         n = self.cfg.ROBUSTNESS.MAX_IMAGES
         return dicts[:n] if n > 0 else dicts
 
@@ -121,9 +127,10 @@ class TransferStudy:
             raise ValueError(f"Model names must be distinct: {[m.name for m in models]}")
         self.models = list(models)
         self.output_dir = output_dir
-        keys = [sorted(image_key(d) for d in m.dataset()) for m in self.models]
-        for m, k in zip(self.models[1:], keys[1:]):
-            missing = sorted(set(keys[0]) - set(k))
+        # the first model's test images (its MAX_IMAGES), found by name in every other model's
+        self.keys = [image_key(d) for d in self.models[0].dataset()]
+        for m in self.models[1:]:
+            missing = sorted(set(self.keys) - {image_key(d) for d in m.dataset(self.keys)})
             if missing:
                 raise ValueError(
                     f"Test set of {m.name} ({m.dataset_name}) lacks {len(missing)} image(s) of "
@@ -145,7 +152,7 @@ class TransferStudy:
         """Store the source's adversarial images of one pass (those not stored yet)."""
         folder = self._adv_folder(source, spec)
         os.makedirs(folder, exist_ok=True)
-        todo = [d for d in source.dataset() if not os.path.isfile(os.path.join(folder, image_key(d) + ".pt"))]
+        todo = [d for d in source.dataset(self.keys) if not os.path.isfile(os.path.join(folder, image_key(d) + ".pt"))]
         comm.synchronize()  # every rank lists the same images before any writes one
         if todo:
             r = source.cfg.ROBUSTNESS
@@ -202,7 +209,7 @@ class TransferStudy:
             {d: build_task_evaluator(target.dataset_name, target.adapter.task, eval_dir) for d in target.defenses}
         )
         loader = build_detection_test_loader(
-            target.dataset(), mapper=RobustMapper(mapper),
+            target.dataset(self.keys), mapper=RobustMapper(mapper),
             batch_size=target.cfg.ROBUSTNESS.BATCH_SIZE, num_workers=0,
         )  # fmt: skip
         results = inference_on_dataset(hook, loader, evaluator)
