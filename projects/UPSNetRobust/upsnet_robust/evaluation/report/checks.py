@@ -50,8 +50,12 @@ PQ_TOLERANCE = METRIC_TOLERANCE  # the name from the panoptic-only report
 ENSEMBLE_TOLERANCE = 0.01
 
 # Relative tolerance of loss_rises_with_eps: objectives have no common scale, so a larger eps
-# may end up to 2 % (of the larger magnitude) below a smaller one before it is flagged.
-LOSS_TOLERANCE = 0.02
+# may end up to 10 % (of the larger magnitude) below a smaller one before it is flagged. The
+# training losses of detection models sample proposals that change with the input, which moves
+# their value by a few percent where a small eps barely moves the image (measured: 4.8 % between
+# eps 0.25 and 1 on the tiny PanopticFPN, FGSM, 12 images); a falling loss from a masked
+# gradient or a broken step control is far larger.
+LOSS_TOLERANCE = 0.10
 
 
 def make_check(name: str, passed: bool, detail: str) -> Dict:
