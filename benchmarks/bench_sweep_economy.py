@@ -38,7 +38,8 @@ from benchcount import (  # noqa: E402
 )
 
 NAME = "sweep_economy"
-COUNTED = ("forward_backward", "input_backward", "forward_only", "inference", "predict")
+COUNTED = ("forward_backward", "input_backward", "forward_only", "loss_forward", "inference",
+           "predict")
 
 
 def get_parser():
@@ -70,7 +71,8 @@ def compare(measured: dict, minimum: dict) -> dict:
 
     Args:
         measured (dict): ``forward_backward``, ``input_backward``, ``forward_only``,
-            ``inference`` and ``defense_calls`` {name: n} (other keys are ignored).
+            ``loss_forward``, ``inference`` and ``defense_calls`` {name: n} (other keys are
+            ignored).
         minimum (dict): the same keys from :func:`benchutils.protocol_minimum` (its
             ``input_backward`` is its ``forward_backward``).
 
@@ -83,13 +85,15 @@ def compare(measured: dict, minimum: dict) -> dict:
         "forward_backward": minimum["forward_backward"],
         "input_backward": minimum["forward_backward"],
         "forward_only": minimum["forward_only"],
+        "loss_forward": minimum["loss_forward"],
         "inference": minimum["inference"],
     }
     for d, n in minimum["defense_calls"].items():
         want[f"defense:{d}"] = n
     got = {
         k: measured.get(k, 0)
-        for k in ("forward_backward", "input_backward", "forward_only", "inference")
+        for k in ("forward_backward", "input_backward", "forward_only", "loss_forward",
+                  "inference")
     }
     for d in minimum["defense_calls"]:
         got[f"defense:{d}"] = measured.get("defense_calls", {}).get(d, 0)
@@ -144,6 +148,7 @@ def _measured_total(total_first: Counter, per_pass) -> dict:
         "forward_backward": total_first["forward_train"],
         "input_backward": total_first["input_backward"],
         "forward_only": sum(p["forward_only"] for p in per_pass),
+        "loss_forward": total_first["forward_loss"],
         "inference": total_first["inference"],
         "predict": total_first["predict"],
         "attack_counter_forward_backward": sum(
@@ -275,6 +280,7 @@ def _report_rows(result: dict) -> list:
                 f"{got['input_backward']}/{want['forward_backward']}",
                 f"{got['attack_counter_forward_backward']}/{want['forward_backward']}",
                 f"{got['forward_only']}/{want['forward_only']}",
+                f"{got['loss_forward']}/{want['loss_forward']}",
                 f"{got['inference']}/{want['inference']}",
                 f"{dm} / {dw}",
                 v["equal"],
@@ -290,6 +296,7 @@ def _report_rows(result: dict) -> list:
             f"{t['input_backward']}/{m['forward_backward']}",
             f"{t['attack_counter_forward_backward']}/{m['forward_backward']}",
             f"{t['forward_only']}/{m['forward_only']}",
+            f"{t['loss_forward']}/{m['loss_forward']}",
             f"{t['inference']}/{m['inference']}",
             ", ".join(f"{k} {n}" for k, n in sorted(t["defense_calls"].items()))
             + " / "
@@ -321,6 +328,7 @@ def print_report(result: dict) -> None:
                 "input bwd",
                 "attack counter fb",
                 "fwd only",
+                "loss fwd",
                 "inference",
                 "defense calls",
                 "equal",

@@ -5,6 +5,8 @@
 import time
 from collections import Counter
 
+import torch
+
 __all__ = ["CountingTransform", "count_attacks", "count_passes", "instrument_model"]
 
 
@@ -36,12 +38,16 @@ def instrument_model(model, counter: Counter) -> None:
     and ``model.inference``: the sweep's hook calls ``inference(..., panoptic_only=True)``
     directly, and ``forward`` in eval mode delegates to ``inference`` (counted once, not twice).
     Training-loss forwards are ``forward`` in training mode or ``per_image_losses`` (batched
-    attacks).
+    attacks); those without a gradient (the value at the adversarial images the cells record as
+    ``attack_loss``) are counted apart, as ``forward_loss``.
     """
     forward, inference, predict = model.forward, model.inference, model.predict
     depth = {"inference": 0}
 
     def count_train(batched_inputs):
+        if not torch.is_grad_enabled():  # the objective's value only (the final-loss record)
+            counter["forward_loss"] += len(batched_inputs)
+            return
         counter["forward_train"] += len(batched_inputs)
         for x in batched_inputs:
             image = x.get("image")
@@ -132,6 +138,7 @@ def _pass_record(spec, attack, delta: Counter, seconds: float) -> dict:
         "input_backward": delta["input_backward"],
         "attack_counter_forward_backward": getattr(attack, "num_forward_backward", 0),
         "forward_only": getattr(attack, "num_forward", 0),
+        "loss_forward": delta["forward_loss"],
         "inference": delta["inference"],
         "predict": delta["predict"],
         "defense_calls": {

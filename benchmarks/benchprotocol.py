@@ -27,7 +27,9 @@ def protocol_minimum(num_images: int, passes: Sequence[Dict], defenses: Sequence
     backward passes of the objective (T = 0 for clean, 1 for FGSM, Kurakin's T for
     I-FGSM/ILLC, ``num_steps`` otherwise), then inferred once per defense variant; each
     defended variant (every name but "none") calls its defense once per image. No
-    forward-only objective evaluations are needed (no restarts).
+    forward-only objective evaluations are needed (no restarts); an attacked image's objective
+    is evaluated once more, without a gradient, at its adversarial point (``loss_forward``: the
+    cells' ``attack_loss``, which the attacks never compute after their last step).
 
     Args:
         num_images (int): images in the sweep.
@@ -37,8 +39,8 @@ def protocol_minimum(num_images: int, passes: Sequence[Dict], defenses: Sequence
 
     Returns:
         dict: ``passes`` (per pass: ``attack``, ``eps``, ``T``, ``forward_backward``,
-        ``forward_only``, ``inference``, ``defense_calls`` {name: n}) and ``total`` (the same
-        counts summed).
+        ``forward_only``, ``loss_forward``, ``inference``, ``defense_calls`` {name: n}) and
+        ``total`` (the same counts summed).
     """
     defended = [d for d in defenses if d != "none"]
     rows = []
@@ -61,6 +63,7 @@ def protocol_minimum(num_images: int, passes: Sequence[Dict], defenses: Sequence
                 "T": steps,
                 "forward_backward": steps * num_images,
                 "forward_only": 0,
+                "loss_forward": num_images if steps else 0,
                 "inference": num_images * len(defenses),
                 "defense_calls": {d: num_images for d in defended},
             }
@@ -68,6 +71,7 @@ def protocol_minimum(num_images: int, passes: Sequence[Dict], defenses: Sequence
     total = {
         "forward_backward": sum(r["forward_backward"] for r in rows),
         "forward_only": 0,
+        "loss_forward": sum(r["loss_forward"] for r in rows),
         "inference": sum(r["inference"] for r in rows),
         "defense_calls": {d: sum(r["defense_calls"][d] for r in rows) for d in defended},
     }

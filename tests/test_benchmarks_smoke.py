@@ -97,9 +97,11 @@ def test_protocol_minimum(bench):
     m = bu.protocol_minimum(2, passes, ["none", "nlmeans", "jpeg"])
     assert [p["T"] for p in m["passes"]] == [0, 1, 5, 7]
     assert [p["forward_backward"] for p in m["passes"]] == [0, 2, 10, 14]
+    assert [p["loss_forward"] for p in m["passes"]] == [0, 2, 2, 2]  # attacked images
     assert m["total"] == {
         "forward_backward": 26,
         "forward_only": 0,
+        "loss_forward": 6,
         "inference": 4 * 2 * 3,
         "defense_calls": {"nlmeans": 8, "jpeg": 8},
     }
@@ -114,6 +116,7 @@ def test_sweep_economy_compare(bench):
         "forward_backward": 4,
         "input_backward": 4,
         "forward_only": 0,
+        "loss_forward": 2,
         "inference": 4,
         "defense_calls": {"nlmeans": 2},
     }
@@ -143,6 +146,8 @@ def test_sweep_economy_counters_see_every_call(bench, synthetic_cityscapes_names
     for got, want in zip(per_pass, minimum):
         assert got["inference"] == want["inference"] == 2  # one per defense variant (1 image)
         assert got["forward_backward"] == got["input_backward"] == want["forward_backward"]
+        # the objective once more at the adversarial image, without a gradient (attack_loss)
+        assert got["loss_forward"] == want["loss_forward"] == (0 if got["T"] == 0 else 1)
         assert got["defense_calls"] == want["defense_calls"] == {"nlmeans": 1}
     assert [p["forward_backward"] for p in per_pass] == [0, 1, 2]  # T of clean, FGSM, I-FGSM
     assert result["resume_work"] == {}

@@ -141,13 +141,16 @@ class AttackStep(ImageStep):
         # the loss at the returned point is the attack's maximum only when it keeps the
         # highest-loss iterate and runs every step (not early stopping, not keeping accuracy)
         keeps_loss = not self.attack.early_stop and getattr(self.attack, "keep", "loss") == "loss"
-        losses = final_losses(objective, adv) if keeps_loss else None
+        # in float32 (the attack's mixed precision, if any, is for its gradients)
+        plain = objective.objective if isinstance(objective, AutocastObjective) else objective
+        losses = final_losses(plain, adv) if keeps_loss else None
         return StepResult(advs, passes, stats, seconds, losses)
 
 
 def final_losses(objective, adv: torch.Tensor) -> Optional[List[float]]:
-    """Each image's objective value at its adversarial point (one extra forward, outside the
-    timed attack), or None where the objective gives one value for the whole batch."""
+    """Each image's objective value at its adversarial point (one extra forward per batch,
+    without a gradient, outside the timed attack: the attacks evaluate the objective before each
+    step, never after the last), or None where the objective gives one value for the batch."""
     with torch.no_grad():
         value = objective(adv).detach().float().reshape(-1)
     if value.numel() != adv.shape[0]:
