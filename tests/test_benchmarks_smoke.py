@@ -260,3 +260,22 @@ def test_corruption_benchmark_flags_and_projects(bench):
     assert out["projected_hours"] == pytest.approx(54.0 * 500 / 3600)
     times["pixelate"] = times.pop("zoom_blur")
     assert bc.summarise(times)["rows"]["pixelate"]["reason"] == "undocumented"
+
+
+def test_train_tiny_reads_panoptic_and_semantic_scores(bench):
+    """The training benchmark reads detectron2's copypaste lines of either task."""
+    train_tiny = importlib.import_module("bench_train_tiny")  # its own flags: not in MODULES
+    log = (
+        "[d2.evaluation.testing]: copypaste: Task: panoptic_seg\n"
+        "[d2.evaluation.testing]: copypaste: PQ,SQ,RQ,PQ_th,SQ_th,RQ_th,PQ_st,SQ_st,RQ_st\n"
+        "[d2.evaluation.testing]: copypaste: 80.7973,89.48,88.9,1,2,3,4,5,6\n"
+        "[d2.evaluation.testing]: copypaste: Task: sem_seg\n"
+        "[d2.evaluation.testing]: copypaste: mIoU,fwIoU,mACC,pACC\n"
+        "[d2.evaluation.testing]: copypaste: 92.612,96.8268,96.5203,98.3525\n"
+    )
+    scores = train_tiny._scores(log)
+    assert scores["panoptic"]["PQ"] == 80.7973 and scores["panoptic"]["RQ_st"] == 6.0
+    assert scores["semantic"] == {"mIoU": 92.612, "fwIoU": 96.8268, "mACC": 96.5203,
+                                  "pACC": 98.3525}  # fmt: skip
+    semantic_only = log.split("copypaste: Task: sem_seg")[1]
+    assert set(train_tiny._scores(semantic_only)) == {"semantic"}
