@@ -13,6 +13,13 @@ torch.set_flush_denormal(True)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "Synthetic", "upsnet_tiny.yaml")
+# Inference on the 64x128 test data: its size, few detections, no loader workers.
+SMALL_TEST_OPTS = [
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "TEST.DETECTIONS_PER_IMAGE", "10",
+    "DATALOADER.NUM_WORKERS", "0",
+]
 # A few training iterations of a tiny model on the 64x128 test data.
 TRAIN_OPTS = [
     "SOLVER.IMS_PER_BATCH", "2",
@@ -22,10 +29,7 @@ TRAIN_OPTS = [
     "SOLVER.CHECKPOINT_PERIOD", "1000",
     "INPUT.MIN_SIZE_TRAIN", "(64,)",
     "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "DATALOADER.NUM_WORKERS", "0",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
+    *SMALL_TEST_OPTS,
 ]
 
 

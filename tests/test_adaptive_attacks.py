@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, SMALL_TEST_OPTS, tiny_cfg
 
 from upsnet_robust.attacks import IFGSM, SegPGD, objective_gradient
 from upsnet_robust.defenses import TVMTransform, apply_defense_to_tensor, build_defense
@@ -343,10 +343,7 @@ ADAPTIVE_OPTS = [
     "ROBUSTNESS.EOT_SAMPLES", "2",
     "ROBUSTNESS.NUM_EXAMPLES", "1",
     "DEFENSE.TVM.NUM_ITERS", "10",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "DATALOADER.NUM_WORKERS", "0",
+    *SMALL_TEST_OPTS,
 ]  # fmt: skip
 
 

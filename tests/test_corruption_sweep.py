@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, SMALL_TEST_OPTS, tiny_cfg
 from detectron2.modeling import build_model
 from imagecorruptions import corrupt as reference_corrupt
 from test_robustness_sweep import _KILL_MID_SWEEP, _attack_net, _mark_cached_records
@@ -29,10 +29,7 @@ CORRUPTION_OPTS = [
     "ROBUSTNESS.SEVERITIES", "[1, 3]",
     "ROBUSTNESS.DEFENSES", "['none', 'median']",
     "ROBUSTNESS.NUM_EXAMPLES", "1",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "DATALOADER.NUM_WORKERS", "0",
+    *SMALL_TEST_OPTS,
 ]  # fmt: skip
 
 

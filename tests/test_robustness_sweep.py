@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, SMALL_TEST_OPTS, tiny_cfg
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
@@ -36,10 +36,7 @@ SWEEP_OPTS = [
     "ROBUSTNESS.EPSILONS", "[1.0, 4.0]",
     "ROBUSTNESS.DEFENSES", "['none', 'nlmeans']",
     "DEFENSE.NLMEANS.SEARCH_WINDOW", "11",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "DATALOADER.NUM_WORKERS", "0",
+    *SMALL_TEST_OPTS,
 ]
 
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, SMALL_TEST_OPTS, tiny_cfg
 from detectron2.modeling import build_model
 
 from upsnet_robust.engine import build_checkpointer
@@ -27,8 +27,7 @@ def _cfg(names, out, *opts):
         "DATASETS.TEST", f"('{names['val']}',)", "MODEL.WEIGHTS", SHIPPED, "OUTPUT_DIR", str(out),
         "ROBUSTNESS.ATTACKS", "['fgsm']", "ROBUSTNESS.EPSILONS", f"[{EPS}]",
         "ROBUSTNESS.DEFENSES", "['none']", "ROBUSTNESS.NUM_EXAMPLES", "2",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128",
-        "TEST.DETECTIONS_PER_IMAGE", "10", "DATALOADER.NUM_WORKERS", "0", *opts,
+        *SMALL_TEST_OPTS, *opts,
     )  # fmt: skip
     model = build_model(cfg)
     build_checkpointer(cfg, model).load(SHIPPED)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT, SMALL_TEST_OPTS, tiny_cfg
 from detectron2.modeling import build_model
 
 from upsnet_robust.engine import build_checkpointer
@@ -22,10 +22,7 @@ OPTS = [
     "ROBUSTNESS.DEFENSES", "['none', 'median']",
     "ROBUSTNESS.NUM_EXAMPLES", "0",
     "ROBUSTNESS.SEED", "5",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "TEST.DETECTIONS_PER_IMAGE", "10",
-    "DATALOADER.NUM_WORKERS", "0",
+    *SMALL_TEST_OPTS,
 ]  # fmt: skip
 
 
